@@ -1,0 +1,34 @@
+"""Class-specific region aggregation (DualCoOp, Sun et al. 2022, Sec. 3.3; PositiveCoOp paper Sec. 3.1).
+
+Every spatial position of an image votes for every class; the votes are weighted by a softmax over the
+positions, so the regions that look most like the class dominate the image-level logit.
+
+Shape key: B batch, L positions (1 + H*W, the mean token first), D feature dim, C classes.
+"""
+import torch
+import torch.nn.functional as F
+
+SIMILARITY_SCALE = 20.0  # multiplies the cosine similarity of a position with a class embedding
+LOGIT_SCALE = 5.0  # multiplies the weighted sum over positions
+
+
+def aggregate(scores, weights_from):
+    """Softmax-weighted sum over positions: (B, L, K) scores, (B, L, K) -> (B, K).
+
+    logit_k = 5 · Σ_l softmax_l(weights_from[:, :, k]) · scores[:, l, k]      (paper Eq. 2-3)
+    """
+    weights = F.softmax(weights_from, dim=1)  # over positions
+    return LOGIT_SCALE * (weights * scores).sum(dim=1)
+
+
+def prompt_logits(features, presence, absence):
+    """Aggregated logits of a prompt head: (B, L, D) features, (C, D) and (C, D) embeddings -> (B, C, 2).
+
+    s_± = 20 · cos(feature at l, embedding_±); both sides use the softmax of the presence side, s_+, as their
+    spatial weights (as DualCoOp and PositiveCoOp compute it). [..., 0] presence, [..., 1] absence.
+    """
+    features = F.normalize(features, dim=-1)
+    embeddings = F.normalize(torch.cat([presence, absence]), dim=-1)  # (2C, D)
+    scores = SIMILARITY_SCALE * features @ embeddings.to(features.dtype).t()  # (B, L, 2C)
+    s_pos, s_neg = scores.chunk(2, dim=-1)  # (B, L, C) each
+    return torch.stack([aggregate(s_pos, s_pos), aggregate(s_neg, s_pos)], dim=-1)  # (B, C, 2)

@@ -1,0 +1,112 @@
+"""Finding, downloading, verifying and reading OpenAI's CLIP ResNet checkpoints.
+
+OpenAI publishes each model at https://openaipublic.azureedge.net/clip/models/<sha256>/<name>.pt, a TorchScript
+archive with fp16 weights; the sha256 in the URL is that of the whole file. We verify it, download to a temporary
+name and rename only when the file is complete and correct (torch.hub.download_url_to_file does both).
+"""
+import hashlib
+import http.client
+import os
+import urllib.error
+
+import torch
+
+from .model import build_model
+
+BASE_URL = "https://openaipublic.azureedge.net/clip/models"
+MODELS = {  # name -> sha256 of the released file
+    "RN50": "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762",
+    "RN101": "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599",
+    "RN50x4": "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd",
+    "RN50x16": "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa",
+    "RN50x64": "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c",
+}
+
+
+def available_models():
+    """The names `load` accepts (besides file paths)."""
+    return list(MODELS)
+
+
+def model_url(name):
+    return f"{BASE_URL}/{MODELS[name]}/{name}.pt"
+
+
+def sha256_of(path, chunk=1 << 20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(name, root="weights", url=None, progress=True):
+    """Returns the path of a verified checkpoint for `name` in `root`, downloading it if missing or corrupt.
+
+    `url` overrides the OpenAI address (the tests point it at a local server). A file whose sha256 differs is
+    fetched again; a failed transfer leaves nothing under the final name.
+    """
+    expected = MODELS[name]
+    url = url or model_url(name)
+    path = os.path.join(root, f"{name}.pt")
+    if os.path.isfile(path):
+        if sha256_of(path) == expected:
+            return path
+        print(f"{path} is corrupt or incomplete (its sha256 is not {expected}); downloading it again")
+    os.makedirs(root, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, path, hash_prefix=expected, progress=progress)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # the last: a reply that is not HTTP
+        reason = getattr(e, "reason", e)
+        raise RuntimeError(
+            f"could not download CLIP {name} from {url} ({reason}). Without network, fetch that URL on another "
+            f"machine and copy the file to {os.path.abspath(path)}; its sha256 must be {expected}.") from None
+    except RuntimeError as e:  # torch.hub's hash check (the partial file is already removed)
+        raise RuntimeError(
+            f"the file downloaded from {url} is corrupt ({e}); expected sha256 {expected}. "
+            f"Run again to retry, or copy a good file to {os.path.abspath(path)}.") from None
+    return path
+
+
+def read_state_dict(path):
+    """Reads a TorchScript archive (OpenAI's format) or a plain state dict saved with torch.save."""
+    try:
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception:  # not a TorchScript archive: try a plain state dict
+        pass
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"cannot read the checkpoint {path} ({os.path.getsize(path):,} bytes): it is neither a TorchScript "
+            f"archive nor a torch.save'd state dict, and may be truncated or corrupt ({type(e).__name__}). "
+            f"Delete it and load the model by name to download it again.") from None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a CLIP state dict")
+    return state_dict
+
+
+def load(name_or_path="RN101", device="cpu", root="weights", url=None):
+    """A CLIP by name (see `available_models`, downloaded into `root` if needed) or from a checkpoint file.
+
+    Returns `(model, sha256)`: an fp32 model in eval mode on `device`, every parameter frozen, and the
+    checkpoint file's sha256 (so results can name the exact weights they came from).
+    """
+    if name_or_path in MODELS:
+        path = download(name_or_path, root, url)
+    elif os.path.isfile(name_or_path):
+        path = name_or_path
+    elif os.path.sep in name_or_path or name_or_path.endswith((".pt", ".pth")):
+        raise FileNotFoundError(f"no CLIP checkpoint at {os.path.abspath(name_or_path)}; "
+                                f"give an existing file or one of the names {available_models()}")
+    else:
+        raise ValueError(f"unknown CLIP model {name_or_path!r}; the available models are {available_models()}, "
+                         f"or give the path of a checkpoint file")
+    try:
+        model = build_model(read_state_dict(path))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    model.requires_grad_(False)
+    return model.to(device), sha256_of(path)

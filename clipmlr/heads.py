@@ -1,0 +1,157 @@
+"""The four heads compared in the PositiveCoOp paper (Rawlekar et al., WACV 2025, Sec. 3), on a frozen CLIP.
+
+Every head maps dense image features (B, L, D) from `CLIP.encode_dense` to logits (B, C, 2), [..., 0] for the
+presence of each class and [..., 1] for its absence, so the image encoder runs outside the head (and its
+output can be cached).
+
+    baseline : a linear map D -> 2C at every position, each channel aggregated with its own softmax (Sec. 3.1)
+    dual     : a learned prompt for presence and one for absence, both through the text encoder (DualCoOp)
+    positive : a learned presence prompt + a free absence embedding in feature space (PositiveCoOp, Sec. 3.2)
+    negative : a learned absence prompt + a free presence embedding (NegativeCoOp, the mirror)
+
+Prompts are CoOp's (Zhou et al. 2022): "[SOS] ctx_1 ... ctx_N <class name>. [EOS]" with N learned vectors,
+one set per class by default. Shape key: B batch, C classes, D feature dim, L positions, N context tokens,
+T tokens, W text width.
+"""
+import torch
+from torch import nn
+
+from .aggregation import aggregate, prompt_logits
+from .clip import tokenize
+
+
+class Prompts(nn.Module):
+    """Learned context vectors around fixed class-name tokens; `forward` gives their (C, D) text features."""
+
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True):
+        super().__init__()
+        width = clip_model.token_embedding.weight.shape[1]
+        shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
+        self.ctx = nn.Parameter(torch.randn(shape) * 0.02)  # N(0, 0.02²), CoOp's initialisation
+        # "X" placeholders reserve one token each for the learned vectors
+        ids = tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in classnames],
+                       context_length=clip_model.context_length)  # (C, T)
+        eot = ids.argmax(dim=-1)
+        ids = ids[:, : int(eot.max()) + 1]  # nothing after the last EOT changes any EOT feature
+        with torch.no_grad():
+            embedded = clip_model.token_embedding(ids.to(clip_model.token_embedding.weight.device))  # (C, T, W)
+        self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)  # (C, 1, W): [SOS]
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone(), persistent=False)  # (C, T-1-N, W)
+        self.register_buffer("eot", eot, persistent=False)  # (C,)
+
+    def embeddings(self):
+        """(C, T, W) token embeddings of the prompts, learned vectors in place of the placeholders."""
+        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(len(self.prefix), -1, -1)
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, 1+N+rest, W)
+
+    def forward(self, clip_model):
+        return clip_model.encode_embedded(self.embeddings(), self.eot)  # (C, D)
+
+
+class Head(nn.Module):
+    """Shared plumbing: a frozen CLIP held outside the parameters and the state dict."""
+
+    def __init__(self, clip_model):
+        super().__init__()
+        self._clip = [clip_model]  # a list hides it from nn.Module: its weights are CLIP's, not the head's
+
+    @property
+    def clip(self):
+        return self._clip[0]
+
+    def class_embeddings(self):
+        """(presence (C, D), absence (C, D)) embeddings; fixed between optimizer steps, so evaluation can
+        compute them once and call `logits` batch after batch."""
+        raise NotImplementedError
+
+    def logits(self, features, embeddings):
+        return prompt_logits(features, *embeddings)
+
+    def forward(self, features):
+        """(B, L, D) dense features -> (B, C, 2) logits."""
+        return self.logits(features, self.class_embeddings())
+
+
+class Baseline(Head):
+    """No text at all: a linear projector D -> 2C at every position, then a per-channel softmax (Sec. 3.1)."""
+
+    def __init__(self, clip_model, classnames, **unused):
+        super().__init__(clip_model)
+        self.proj = nn.Linear(clip_model.embed_dim, 2 * len(classnames))
+
+    def class_embeddings(self):
+        return None
+
+    def logits(self, features, embeddings=None):
+        a = self.proj(features)  # (B, L, 2C): presence channels first, then absence
+        logits = aggregate(a, a)  # (B, 2C): every channel weighted by its own softmax over positions
+        return logits.view(len(features), 2, -1).transpose(1, 2)  # (B, 2, C) -> (B, C, 2)
+
+
+class DualCoOp(Head):
+    """A learned presence prompt and a learned absence prompt per class, through the frozen text encoder."""
+
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True):
+        super().__init__(clip_model)
+        self.presence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
+        self.absence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
+
+    def class_embeddings(self):
+        return self.presence_prompts(self.clip), self.absence_prompts(self.clip)
+
+
+class PositiveCoOp(Head):
+    """A learned presence prompt (plus a learned residual, as in the authors' code) and a free absence
+    embedding that never goes through the text encoder."""
+
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True):
+        super().__init__(clip_model)
+        shape = (len(classnames), clip_model.embed_dim)
+        self.presence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
+        self.presence_residual = nn.Parameter(torch.randn(shape))  # N(0, 1), added before normalising
+        self.absence = nn.Parameter(torch.randn(shape))  # N(0, 1)
+
+    def class_embeddings(self):
+        return self.presence_prompts(self.clip) + self.presence_residual, self.absence
+
+
+class NegativeCoOp(Head):
+    """The mirror of PositiveCoOp: a learned absence prompt (+ residual) and a free presence embedding."""
+
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True):
+        super().__init__(clip_model)
+        shape = (len(classnames), clip_model.embed_dim)
+        self.absence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
+        self.absence_residual = nn.Parameter(torch.randn(shape))
+        self.presence = nn.Parameter(torch.randn(shape))
+
+    def class_embeddings(self):
+        return self.presence, self.absence_prompts(self.clip) + self.absence_residual
+
+
+HEADS = {"baseline": Baseline, "dual": DualCoOp, "positive": PositiveCoOp, "negative": NegativeCoOp}
+
+
+def build_head(name, clip_model, classnames, n_ctx=16, class_specific=True):
+    """A head by name (one of HEADS) for a frozen CLIP; only the head's own parameters are trainable."""
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+    clip_model.requires_grad_(False)
+    head = HEADS[name](clip_model, list(classnames), n_ctx=n_ctx, class_specific=class_specific)
+    return head.to(clip_model.token_embedding.weight.device)
+
+
+def parameter_groups(head, lr_prompt, lr_embedding, lr_linear):
+    """SGD parameter groups with the paper's learning rates: context vectors, free embeddings, projector."""
+    groups = {"prompt": [], "embedding": [], "linear": []}
+    for name, p in head.named_parameters():
+        kind = "prompt" if name.endswith(".ctx") else "linear" if name.startswith("proj.") else "embedding"
+        groups[kind].append(p)
+    lrs = {"prompt": lr_prompt, "embedding": lr_embedding, "linear": lr_linear}
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def count_trainable(module):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
