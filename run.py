@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from clipmlr import clip as clipmodule
+from clipmlr import distributed
 from clipmlr.checkpoint import CheckpointError, load_checkpoint, save_atomic, settings_mismatch
 from clipmlr.data import DataError, ImageDataset, image_transform, load_coco, load_voc, mask_labels
 from clipmlr.data import download_coco, download_voc
@@ -28,8 +29,6 @@ from clipmlr.heads import HEADS, build_head, count_trainable, parameter_groups
 from clipmlr.loss import asymmetric_loss
 from clipmlr.metrics import average_precision
 
-DEMO_SIZES = {"train": 256, "test": 128}
-DEMO_EPOCHS = 30
 
 
 def parse_args(argv=None):
@@ -44,7 +43,7 @@ def parse_args(argv=None):
                    "random miniature CLIP unless weights/RN101.pt exists)")
     p.add_argument("--weights-dir", default="weights", help="where CLIP checkpoints are downloaded")
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 448; demo 224)")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default 50; demo {DEMO_EPOCHS})")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs")
     p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step")
     p.add_argument("--lr-prompt", type=float, default=0.002, help="SGD lr of the prompts' context vectors")
     p.add_argument("--lr-embedding", type=float, default=1.0, help="SGD lr of the free class embeddings")
@@ -61,10 +60,15 @@ def parse_args(argv=None):
                    help="one context for all classes instead of one per class")
     p.add_argument("--voc-difficult", choices=["absent", "unknown", "present"], default="absent",
                    help="how VOC objects marked difficult count (the reference code: absent)")
-    p.add_argument("--cache-features", action="store_true",
-                   help="encode every image once (K augmented views for training) and train on the stored features")
+    p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="encode every image once (K augmented views for training) and train on the stored "
+                   "features (default: on for the demo, off otherwise)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="Cutout + RandAugment on training images (default: on, off for the demo, whose classes "
+                   "differ by colour, which RandAugment's colour operations wash out)")
     p.add_argument("--cache-views", type=int, default=8, help="augmented views per training image in the cache")
     p.add_argument("--cache-dir", default="cache", help="where --cache-features stores the encoded features")
+    p.add_argument("--demo-images", type=int, default=256, help="demo training images (the test split has half)")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: last epoch only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the label mask, the head's init and the data order")
     p.add_argument("--out", default=None, help="output folder (default runs/<data>-<head>-<labels>-seed<seed>)")
@@ -75,12 +79,15 @@ def parse_args(argv=None):
     if not 0 < args.labels <= 1:
         p.error(f"--labels {args.labels} is outside (0, 1]: give the fraction of training labels to keep, "
                 f"e.g. --labels 0.1 for 10%")
-    for name in ("epochs", "batch_size", "cache_views", "n_ctx", "image_size"):
+    for name in ("epochs", "batch_size", "cache_views", "n_ctx", "image_size", "demo_images"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if args.clip and args.clip not in clipmodule.available_models() and not os.path.isfile(args.clip):
+        p.error(f"--clip {args.clip}: no such file, and not one of the model names {clipmodule.available_models()}")
     demo = args.data == "demo"
-    args.epochs = args.epochs or (DEMO_EPOCHS if demo else 50)
+    args.cache_features = demo if args.cache_features is None else args.cache_features
+    args.augment = not demo if args.augment is None else args.augment
     args.image_size = args.image_size or (224 if demo else 448)
     args.data_root = args.data_root or os.path.join("data", {"voc": "voc2007", "coco": "coco2014"}.get(args.data, ""))
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.head}-{args.labels:g}-seed{args.seed}")
@@ -92,8 +99,9 @@ def parse_args(argv=None):
 def load_data(args):
     """(train images, train labels, test images, test labels, class names)."""
     if args.data == "demo":
-        train, train_y = demo_split(DEMO_SIZES["train"], args.seed, args.image_size)
-        test, test_y = demo_split(DEMO_SIZES["test"], args.seed, args.image_size, offset=10**6)
+        # the demo set and its CLIP are fixed (seed 0) like a real dataset; --seed varies mask, init and order
+        train, train_y = demo_split(args.demo_images, 0, args.image_size)
+        test, test_y = demo_split(max(1, args.demo_images // 2), 0, args.image_size, offset=10**6)
         return train, train_y, test, test_y, list(DEMO_CLASSES)
     if args.download:
         (download_voc if args.data == "voc" else download_coco)(args.data_root)
@@ -111,7 +119,7 @@ def load_clip(args, calibration_images):
     name = args.clip or "RN101"
     if args.data == "demo" and args.clip is None and not os.path.isfile(os.path.join(args.weights_dir, "RN101.pt")):
         transform = image_transform(args.image_size, train=False)
-        model = tiny_clip(torch.stack([transform(im) for im in calibration_images]), seed=args.seed,
+        model = tiny_clip(torch.stack([transform(im) for im in calibration_images]), seed=0,
                           resolution=args.image_size)
         return model.to(args.device), {"name": "random-tiny", "sha256": None}
     model, sha = clipmodule.load(name, device=args.device, root=args.weights_dir)
@@ -138,28 +146,42 @@ def seed_everything(seed):
 
 
 @torch.inference_mode()
-def evaluate(head, loader, device):
-    """Scores (N, C) = softmax(logits)[..., 0] on the whole test split; the class embeddings computed once."""
-    head.eval()
-    embeddings = head.class_embeddings()
-    scores = []
+def evaluate(head, test_set, batch_size, n_classes):
+    """Scores (N, C) = softmax(logits)[..., 0] for the whole test split, each image scored exactly once
+    (each rank scores its own contiguous shard); the class embeddings are computed once."""
+    module = getattr(head, "module", head)  # the head itself under DistributedDataParallel
+    module.eval()
+    embeddings = module.class_embeddings()
+    shard = torch.tensor_split(torch.arange(len(test_set)), distributed.world_size())[distributed.rank()]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, shard.tolist()), batch_size=batch_size)
+    scores = [torch.empty(0, n_classes)]
     for features, _, _ in loader:
-        logits = head.logits(features.to(device, non_blocking=True).float(), embeddings)
+        logits = module.logits(test_set.to_features(features), embeddings)
         scores.append(torch.softmax(logits.float(), dim=-1)[..., 0].cpu())
-    head.train()
-    return torch.cat(scores)
+    module.train()
+    scores = torch.cat(scores)
+    return distributed.gather_rows((shard, scores), len(test_set))
 
 
 def settings_of(args):
     keys = ["head", "data", "labels", "seed", "clip", "image_size", "epochs", "batch_size", "lr_prompt",
             "lr_embedding", "lr_linear", "momentum", "weight_decay", "loss_weight", "warmup_epochs", "warmup_lr",
-            "n_ctx", "shared_context", "voc_difficult", "cache_features", "cache_views"]
+            "n_ctx", "shared_context", "voc_difficult", "augment", "cache_features", "cache_views", "demo_images"]
     return {k: getattr(args, k) for k in keys}
+
+
+def say(*text, **kw):
+    """print on rank 0 only."""
+    if distributed.rank() == 0:
+        print(*text, **kw, flush=True)
 
 
 def run(args):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    device = torch.device(args.device)
+    rank, world, device = distributed.setup(args.device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; the global "
+                         f"batch is split evenly over them, so give a multiple of {world}")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     state = None
     if args.resume:
@@ -170,20 +192,22 @@ def run(args):
                                   f"use the same options, or another --out for a new run")
     elif os.path.isfile(ckpt_path):
         raise CheckpointError(f"{args.out} already holds a run; pass --resume to continue it, or another --out")
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
 
     # data, CLIP and the label mask
     train, train_y, test, test_y, classnames = load_data(args)
     model, clip_info = load_clip(args, train)
     mask_y = mask_labels(train_y, args.labels, args.seed)
-    print(f"settings: {json.dumps(settings_of(args))}")
-    print(f"data: {args.data}, {len(train)} training images ({(mask_y >= 0).float().mean() * 100:.1f}% of labels "
-          f"kept), {len(test)} test images, {len(classnames)} classes; device {device}")
+    say(f"settings: {json.dumps(settings_of(args))}")
+    say(f"data: {args.data}, {len(train)} training images ({(mask_y >= 0).float().mean() * 100:.1f}% of labels "
+        f"kept), {len(test)} test images, {len(classnames)} classes; device {device}"
+        + (f", {world} processes" if world > 1 else ""))
     if clip_info["name"] == "random-tiny":
-        print("NOTE: the CLIP is a randomly initialised miniature model (no weights found): the numbers below "
-              "show that the pipeline learns, and say nothing about the paper.")
+        say("NOTE: the CLIP is a randomly initialised miniature model (no weights found): the numbers below "
+            "show that the pipeline learns, and say nothing about the paper.")
     else:
-        print(f"CLIP: {clip_info['name']} (sha256 {clip_info['sha256'][:12]}...)")
+        say(f"CLIP: {clip_info['name']} (sha256 {clip_info['sha256'][:12]}...)")
 
     # the head and its optimizer
     seed_everything(args.seed)
@@ -192,16 +216,20 @@ def run(args):
     for g in groups:
         g["base_lr"] = g["lr"]
     optimizer = torch.optim.SGD(groups, momentum=args.momentum, weight_decay=args.weight_decay)
-    print(f"head: {args.head}, {count_trainable(head):,} trainable parameters "
-          "(" + ", ".join(f"{g['name']} lr {g['lr']:g}" for g in groups) + ")")
+    say(f"head: {args.head}, {count_trainable(head):,} trainable parameters "
+        "(" + ", ".join(f"{g['name']} lr {g['lr']:g}" for g in groups) + ")")
     history, start_epoch, train_seconds = [], 0, 0.0
     if state is not None:
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
         mask_y = state["mask"]
-        print(f"resuming {ckpt_path} after epoch {start_epoch}")
-    torch.save(mask_y, os.path.join(args.out, "mask.pt"))
+        say(f"resuming {ckpt_path} after epoch {start_epoch}")
+    if rank == 0:
+        save_atomic(mask_y, os.path.join(args.out, "mask.pt"))
+    trained = head
+    if world > 1:  # gradients are averaged over ranks; the loss below is scaled to keep the global-batch sum
+        trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
 
     # features: the frozen encoder runs once per image and view (cached) or once per batch (in the loop)
     t0 = time.time()
@@ -209,34 +237,36 @@ def run(args):
     key = {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
            "image_size": args.image_size, "data_root": os.path.abspath(args.data_root)}
     encode = dict(model=model, device=device, batch_size=args.batch_size, workers=args.workers, cache_dir=cache_dir)
-    train_set = encode_split(ImageDataset(train, mask_y, image_transform(args.image_size, train=True)),
+    train_set = encode_split(ImageDataset(train, mask_y, image_transform(args.image_size, train=args.augment)),
                              views=args.cache_views if args.cache_features else None,
                              key={**key, "split": "train", "view": "augmented"}, **encode)
     test_set = encode_split(ImageDataset(test, test_y, image_transform(args.image_size, train=False)),
                             views=1, key={**key, "split": "test", "view": "plain"}, **encode)
-    print(f"features: test split encoded once{', training images x ' + str(args.cache_views) + ' views' if args.cache_features else ''} "
-          f"in {time.time() - t0:.1f}s")
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=max(args.batch_size, 100))
+    views = f", training images x {args.cache_views} views" if args.cache_features else ""
+    say(f"features: test split encoded once{views} in {time.time() - t0:.1f}s")
 
     # training: for epoch, for batch: features, forward, loss, backward, step
+    # the order is a permutation seeded by (seed, epoch); rank r takes every world-th image of it, so the union of
+    # the ranks' batches k is the global batch k that one process would see
+    sampler = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    ap = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        seed_everything(args.seed * 100_003 + epoch)  # the epoch's order and augmentations depend on it alone
+        seed_everything(args.seed * 100_003 + epoch * 1009 + rank)  # order and augmentation: a function of these
         set_lr(optimizer, epoch, args)
         train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
-                                             num_workers=train_set.workers, drop_last=False,
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=train_set.workers,
                                              pin_memory=device.type == "cuda")
         total = torch.zeros((), device=device)
         for features, targets, _ in loader:
-            features = train_set.to_features(features)
-            logits = head(features.float())
+            logits = trained(train_set.to_features(features))
             loss = args.loss_weight * asymmetric_loss(logits, targets.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * world).backward()  # DDP averages gradients; x world makes them those of the global sum
             optimizer.step()
             total += loss.detach()
-        mean_loss = total.item() / len(loader)  # one host-device sync per epoch
+        mean_loss = distributed.all_sum(total).item() / len(loader)  # per global batch; one sync per epoch
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"the loss became {mean_loss} in epoch {epoch + 1}; the run stops here. The "
                                      f"last good checkpoint is {ckpt_path}; lower the learning rates or "
@@ -244,29 +274,33 @@ def run(args):
         train_seconds += time.time() - t0
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": [g["lr"] for g in optimizer.param_groups],
                   "seconds": time.time() - t0}
-        last = epoch + 1 == args.epochs
-        if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            ap = average_precision(evaluate(head, test_loader, device), test_y)
+        if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+            ap = average_precision(evaluate(head, test_set, max(args.batch_size, 100), len(classnames)), test_y)
             record["map"] = 100 * float(np.nanmean(ap))
         history.append(record)
-        eta = train_seconds / (epoch + 1 - start_epoch or 1) * (args.epochs - epoch - 1)
-        print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:9.4f}  lr {optimizer.param_groups[0]['lr']:.3g}  "
-              f"{record['seconds']:6.1f}s  eta {eta / 60:5.1f} min" + (f"  mAP {record['map']:.2f}" if "map" in record else ""),
-              flush=True)
-        save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                     "history": history, "train_seconds": train_seconds, "mask": mask_y,
-                     "settings": settings_of(args)}, ckpt_path)
+        eta = train_seconds / len(history) * (args.epochs - epoch - 1)
+        say(f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:9.4f}  lr {optimizer.param_groups[0]['lr']:.3g}  "
+            f"{record['seconds']:6.1f}s  eta {eta / 60:5.1f} min" + (f"  mAP {record['map']:.2f}" if "map" in record else ""))
+        if rank == 0:
+            save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                         "history": history, "train_seconds": train_seconds, "mask": mask_y,
+                         "settings": settings_of(args)}, ckpt_path)
+    if ap is None:  # resumed a run whose training had finished: evaluate its final head
+        ap = average_precision(evaluate(head, test_set, max(args.batch_size, 100), len(classnames)), test_y)
+        history[-1]["map"] = 100 * float(np.nanmean(ap))
 
     # results of the last epoch
     results = {
         "head": args.head, "data": args.data, "labels": args.labels, "seed": args.seed, "map": history[-1]["map"],
         "per_class_ap": {n: 100 * float(a) for n, a in zip(classnames, ap)},
         "trainable_params": count_trainable(head), "train_seconds": train_seconds, "history": history,
-        "clip": clip_info, "settings": settings_of(args), "device": str(device), "torch": torch.__version__,
+        "clip": clip_info, "settings": settings_of(args), "device": str(device), "processes": world,
+        "torch": torch.__version__,
     }
-    save_atomic(head.state_dict(), os.path.join(args.out, "head.pt"))
-    save_atomic(results, os.path.join(args.out, "results.json"))
-    print(f"mAP {results['map']:.2f} (last epoch) -> {os.path.join(args.out, 'results.json')}")
+    if rank == 0:
+        save_atomic(head.state_dict(), os.path.join(args.out, "head.pt"))
+        save_atomic(results, os.path.join(args.out, "results.json"))
+    say(f"mAP {results['map']:.2f} (last epoch) -> {os.path.join(args.out, 'results.json')}")
     return results
 
 
@@ -274,17 +308,15 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         run(args)
-    except (DataError, CheckpointError, FloatingPointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if "download" not in str(e) and "sha256" not in str(e):
-            raise
+    except (DataError, CheckpointError, clipmodule.DownloadError, FloatingPointError, FileNotFoundError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command plus --resume", file=sys.stderr)
+        print("\ninterrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.cleanup()
     return 0
 
 

@@ -55,11 +55,24 @@ def find_voc(root):
     return None
 
 
+def fetch(what, root, get):
+    """Runs a download, turning a network or checksum failure into one clear DataError."""
+    try:
+        get()
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on bad md5
+        raise DataError(f"could not download {what} into {os.path.abspath(root)} ({getattr(e, 'reason', e)}). "
+                        f"Without network, download it on another machine, unpack it there (see README.md, "
+                        f"'Data') and pass --data-root") from None
+
+
 def download_voc(root):
-    """VOC2007 trainval and test through torchvision, which verifies the archives' md5."""
+    """VOC2007 trainval and test through torchvision, which verifies the archives' md5; skips what is there."""
     from torchvision.datasets import VOCDetection
     for split in ("trainval", "test"):
-        VOCDetection(root, year="2007", image_set=split, download=True)
+        voc = find_voc(root)
+        if voc and os.path.isfile(os.path.join(voc, "ImageSets", "Main", f"{split}.txt")):
+            continue
+        fetch(f"VOC2007 {split}", root, lambda: VOCDetection(root, year="2007", image_set=split, download=True))
 
 
 def read_voc_annotation(path, difficult="absent"):
@@ -105,8 +118,13 @@ def load_voc(root, split, difficult="absent"):
 # ---------------------------------------------------------------------------------------------------- COCO2014
 
 def download_coco(root):
+    """train2014, val2014 and the 2014 annotations (about 19 GB), md5-checked by torchvision."""
     for archive, md5 in COCO_URLS.items():
-        download_and_extract_archive(f"http://images.cocodataset.org/{archive}", root, md5=md5, remove_finished=True)
+        unpacked = {"zips/train2014.zip": "train2014", "zips/val2014.zip": "val2014"}.get(archive, "annotations")
+        if os.path.isdir(os.path.join(root, unpacked)):
+            continue
+        url = f"http://images.cocodataset.org/{archive}"
+        fetch(url, root, lambda: download_and_extract_archive(url, root, md5=md5, remove_finished=True))
 
 
 def load_coco(root, split):

@@ -6,6 +6,7 @@ worker. With the random CLIP the numbers only show that the pipeline learns; the
 """
 import random
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -36,7 +37,8 @@ def demo_image(index, seed=0, size=224):
     """(PIL image, (C,) labels) of demo image `index`: one to three distinct shapes on a noisy background."""
     rng = random.Random(seed * 1_000_003 + index)
     background = tuple(rng.randint(60, 160) for _ in range(3))
-    image = Image.effect_noise((size, size), 40).convert("RGB")
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(128, 40, (size, size, 1)).clip(0, 255)
+    image = Image.fromarray(noise.astype(np.uint8).repeat(3, axis=2))  # grey noise, seeded (not PIL's own RNG)
     image = Image.blend(image, Image.new("RGB", (size, size), background), 0.7)
     draw = ImageDraw.Draw(image)
     kinds = rng.sample(range(len(DEMO_CLASSES)), rng.randint(1, 3))
@@ -62,7 +64,7 @@ def tiny_clip(calibration_images=None, seed=0, resolution=224):
     A random ResNet's activations drift in scale and share one dominant direction, which leaves nothing for
     a head to learn from. So the demo model's BatchNorm statistics are set from `calibration_images`
     (B, 3, S, S) — each channel then has zero mean and unit variance on the demo data — and the output
-    projection is scaled and centred so a dense feature has norm about 1 and mean zero. This is an initialisation, not training.
+    projection is centred so the dense features have mean zero. This is an initialisation, not training.
     """
     torch.manual_seed(seed)
     model = CLIP(embed_dim=64, image_resolution=resolution, vision_layers=[1, 1, 1, 1], vision_width=16,
@@ -75,7 +77,6 @@ def tiny_clip(calibration_images=None, seed=0, resolution=224):
                 torch.nn.init.ones_(m.weight)  # OpenAI zero-inits each block's bn3; a random model needs them on
                 m.momentum = None  # running statistics become the plain average over the calibration batches
         pool.positional_embedding.mul_(0.1)
-        pool.c_proj.weight.mul_(model.embed_dim ** -0.5)
         if calibration_images is not None:
             model.visual.train()
             for batch in calibration_images.split(64):

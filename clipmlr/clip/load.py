@@ -23,6 +23,10 @@ MODELS = {  # name -> sha256 of the released file
 }
 
 
+class DownloadError(RuntimeError):
+    """A checkpoint that could not be fetched or failed its sha256 check; the message says what to do."""
+
+
 def available_models():
     """The names `load` accepts (besides file paths)."""
     return list(MODELS)
@@ -46,6 +50,8 @@ def download(name, root="weights", url=None, progress=True):
     `url` overrides the OpenAI address (the tests point it at a local server). A file whose sha256 differs is
     fetched again; a failed transfer leaves nothing under the final name.
     """
+    if name not in MODELS:
+        raise ValueError(f"unknown CLIP model {name!r}; the available models are {available_models()}")
     expected = MODELS[name]
     url = url or model_url(name)
     path = os.path.join(root, f"{name}.pt")
@@ -58,11 +64,11 @@ def download(name, root="weights", url=None, progress=True):
         torch.hub.download_url_to_file(url, path, hash_prefix=expected, progress=progress)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # the last: a reply that is not HTTP
         reason = getattr(e, "reason", e)
-        raise RuntimeError(
+        raise DownloadError(
             f"could not download CLIP {name} from {url} ({reason}). Without network, fetch that URL on another "
             f"machine and copy the file to {os.path.abspath(path)}; its sha256 must be {expected}.") from None
     except RuntimeError as e:  # torch.hub's hash check (the partial file is already removed)
-        raise RuntimeError(
+        raise DownloadError(
             f"the file downloaded from {url} is corrupt ({e}); expected sha256 {expected}. "
             f"Run again to retry, or copy a good file to {os.path.abspath(path)}.") from None
     return path
@@ -94,6 +100,7 @@ def load(name_or_path="RN101", device="cpu", root="weights", url=None):
     Returns `(model, sha256)`: an fp32 model in eval mode on `device`, every parameter frozen, and the
     checkpoint file's sha256 (so results can name the exact weights they came from).
     """
+    name_or_path = os.fspath(name_or_path)
     if name_or_path in MODELS:
         path = download(name_or_path, root, url)
     elif os.path.isfile(name_or_path):

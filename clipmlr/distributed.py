@@ -1,0 +1,60 @@
+"""Multi-process training with PyTorch's own engine: `torchrun --nproc_per_node=N run.py ...`.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op for one process. NCCL on
+GPUs, gloo on CPUs. Each rank trains on its shard of every global batch; only rank 0 writes files.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device):
+    """(rank, world size, device): joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return rank, world, torch.device(device)
+
+
+def cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_sum(tensor):
+    """The sum over ranks (the tensor itself with one process)."""
+    if world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_rows(rows, n):
+    """Every rank's (indices, values) -> the (n, ...) tensor in index order, on every rank."""
+    if world_size() == 1:
+        return rows[1]
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, (rows[0].cpu(), rows[1].cpu()))
+    index = torch.cat([p[0] for p in parts])
+    values = torch.cat([p[1] for p in parts])
+    assert len(index) == n and index.unique().numel() == n, "every test image must be scored exactly once"
+    return values[index.argsort()]
