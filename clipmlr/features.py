@@ -1,22 +1,58 @@
-"""Dense CLIP features for a dataset: computed in the training loop, or once and stored (the encoder is frozen).
+"""Dense CLIP features for a dataset: computed in the training loop, or once and kept (the encoder is frozen).
 
-`encode_split(dataset, views=None, ...)` returns a dataset of (features or images, labels, index) with
-`to_features(batch)` giving (B, L, D) features on the device: with `views=None` it runs the encoder on each
-batch of (augmented) images; with `views=K` every image is encoded K times up front (K augmented views for
-training, 1 plain view for testing) and epoch e reads view e mod K.
+`encode_split(dataset, views, model, device, batch_size, workers, cache_dir, key)` returns a dataset of
+(images or features, labels, index) whose `to_features(batch)` gives (B, L, D) fp32 features on the device:
+
+    views=None                  the encoder runs on every batch of (augmented) images, inside the loop
+    views=K, cache_dir=None     every image encoded K times up front and kept in memory (fp16)
+    views=K, cache_dir=DIR      the same, kept on disk (fp16, memory-mapped) and reused by later runs:
+                                later epochs, other heads, other label fractions and seeds
+
+Epoch e serves view e mod K. The trade-off of K: in the loop, 50 epochs show every training image under 50
+different augmentations and pay 50 encoder passes over the training set; the cache shows K of them over and
+over (K=1: no augmentation diversity at all) and pays K passes, once for every head, label fraction and seed
+(the views do not depend on the run's seed). Disk: K·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
+trainval is 1.0 GB per view (8.1 GB for K=8; the test split 1.0 GB), COCO2014 train 16.5 GB per view (132 GB
+for K=8). Reading it back is disk-bound when it does not fit in the page cache.
+
+A cache folder, DIR/<data>-<split>-<hash of the key>/, holds
+    meta.json      the full key (checkpoint sha256 — or, for an unsaved random model, a hash of its weights —,
+                   data, data root, a hash of the image list, resolution, split, view kind, the transform, K),
+                   the shape, the chunk size, and whether the build is complete
+    features.npy   (K, N, L, D) float16 in NumPy's format, read memory-mapped
+    done.npy       (K, chunks) uint8: 1 once that chunk of images is safely on disk
+A killed build resumes at the first chunk not done. View v of image i is augmented under the seed v·N + i
+alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the workers.
+An existing folder is used only if its key equals the requested one field by field; otherwise it is refused.
+
+Shape key: K views, N images, L positions (1 + H*W), D feature dim, B batch.
 """
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
 import torch
 from tqdm import tqdm
+
+from .checkpoint import save_atomic
+
+CACHE_FORMAT = 1  # bump when the layout or the per-view seeding changes: old caches then no longer match
 
 
 def encoder_context(device):
     """bf16 autocast on CUDA for the frozen encoder; plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
-@torch.no_grad()
 def encode_images(model, images, device):
-    """(B, 3, S, S) -> (B, L, D) fp32 dense features (no autograd graph: the encoder is frozen)."""
+    """(B, 3, S, S) -> (B, L, D) fp32 dense features. Call under no_grad or inference_mode (the encoder is frozen)."""
     images = images.to(device, non_blocking=True)
     if device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
@@ -39,14 +75,15 @@ class InLoop(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         pass
 
+    @torch.no_grad()  # not inference_mode: the head's backward saves these features
     def to_features(self, images):
         return encode_images(self.model, images, self.device)
 
 
 class Stored(torch.utils.data.Dataset):
-    """Features computed once: (K, N, L, D) fp16, view `epoch mod K` served in epoch `epoch`."""
+    """Features computed once, (K, N, L, D) fp16 (an array or a read-only memmap); view `epoch mod K` served."""
 
-    workers = 0  # reading a tensor needs no worker processes
+    workers = 0  # reading an array needs no worker processes
 
     def __init__(self, features, labels, device):
         self.features, self.labels, self.device, self.view = features, labels, device, 0
@@ -55,7 +92,7 @@ class Stored(torch.utils.data.Dataset):
         return self.features.shape[1]
 
     def __getitem__(self, i):
-        return self.features[self.view, i], self.labels[i], i
+        return torch.from_numpy(np.array(self.features[self.view, i])), self.labels[i], i  # (L, D) copy
 
     def set_epoch(self, epoch):
         self.view = epoch % self.features.shape[0]
@@ -64,24 +101,212 @@ class Stored(torch.utils.data.Dataset):
         return features.to(self.device, non_blocking=True).float()
 
 
-def encode_all(dataset, model, device, views, batch_size, workers, desc="encoding"):
-    """(views, N, L, D) fp16 features of every image of `dataset`, `views` passes of its transform."""
-    out = None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    with tqdm(total=views * len(dataset), desc=desc, unit="img", disable=None, leave=False) as bar:
-        for v in range(views):
-            torch.manual_seed(v)  # the augmentation of view v is the same whenever it is rebuilt
-            for images, _, index in loader:
-                f = encode_images(model, images, device).half().cpu()
-                if out is None:
-                    out = torch.empty(views, len(dataset), *f.shape[1:], dtype=torch.float16)
-                out[v, index] = f
-                bar.update(len(index))
-    return out
+class SeededViews(torch.utils.data.Dataset):
+    """Item j = (view j // N of image j % N, j), its random augmentation seeded by j, so by (view, image) alone."""
+
+    def __init__(self, dataset, views):
+        self.dataset, self.views = dataset, views
+
+    def __len__(self):
+        return self.views * len(self.dataset)
+
+    def __getitem__(self, j):
+        # Cutout draws from `random`, RandAugment from torch; torch keeps 32 bits of a seed, and j < 2**32
+        random.seed(j)
+        torch.manual_seed(j)
+        return self.dataset[j % len(self.dataset)][0], j
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restores Python's and torch's CPU random state on exit (encoding in the main process reseeds them)."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(state)
+
+
+@torch.inference_mode()
+def encode_chunks(dataset, model, device, views, chunk, todo, workers, store, desc="encoding"):
+    """Encodes the (view, chunk) pairs in `todo`; chunk c of a view is images [c*chunk, (c+1)*chunk).
+
+    `store(view, chunk_index, features)` receives each chunk's (B, L, D) fp16 NumPy features in order.
+    """
+    n = len(dataset)
+    batches = [range(v * n + c * chunk, v * n + min(n, (c + 1) * chunk)) for v, c in todo]
+    loader = torch.utils.data.DataLoader(SeededViews(dataset, views), batch_sampler=batches, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    with tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=None, leave=False) as bar:
+        for (v, c), (images, _) in zip(todo, loader):
+            store(v, c, encode_images(model, images, device).half().cpu().numpy())
+            bar.update(len(images))
+
+
+def feature_shape(dataset, model, device):
+    """(L, D) of one image of `dataset`, from one forward pass."""
+    with torch.inference_mode():
+        return tuple(encode_images(model, SeededViews(dataset, 1)[0][0][None], device).shape[1:])
+
+
+def weights_fingerprint(model):
+    """sha256 of every tensor in the state dict: names an unsaved (random) model, such as the demo's."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def images_fingerprint(dataset):
+    """sha256 of the image list (paths, or pixels of in-memory PIL images), None if the dataset has no list."""
+    images = getattr(dataset, "images", None)
+    if images is None:
+        return None
+    h = hashlib.sha256()
+    for im in images:
+        h.update(im.encode() + b"\0" if isinstance(im, str) else f"{im.mode}{im.size}".encode() + im.tobytes())
+    return h.hexdigest()
+
+
+def transform_description(dataset):
+    """The dataset's transform as its repr lists it (sizes, RandAugment's settings, ...), memory addresses cut."""
+    transform = getattr(dataset, "transform", None)
+    return None if transform is None else re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
+def cache_key(key, dataset, model, views):
+    """The caller's key (checkpoint, data, resolution, split, view kind) completed with what fixes the bytes."""
+    full = {**(key or {}), "views": views, "n_images": len(dataset), "images": images_fingerprint(dataset),
+            "transform": transform_description(dataset), "format": CACHE_FORMAT}
+    if full.get("clip_sha256") is None:
+        full["weights"] = weights_fingerprint(model)
+    return json.loads(json.dumps(full, sort_keys=True))  # JSON-native values, as meta.json gives them back
+
+
+def cache_folder(cache_dir, key):
+    """DIR/<data>-<split>-<first 16 hex digits of sha256(key as sorted JSON)>."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{key.get('data', 'data')}-{key.get('split', 'split')}-{digest}")
+    return os.path.join(cache_dir, name)
+
+
+@contextlib.contextmanager
+def build_lock(folder):
+    """Holds an exclusive lock on folder/lock, so two runs never build one cache at once (POSIX; else no-op)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(os.path.join(folder, "lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+def check_meta(folder, meta, key):
+    """Raises ValueError naming the first field where the folder's key differs from the requested one."""
+    saved = meta.get("key", {})
+    for field in sorted(set(saved) | set(key)):
+        if saved.get(field) != key.get(field):
+            raise ValueError(f"the feature cache {folder} was built for {field}={saved.get(field)!r}, but this run "
+                             f"needs {field}={key.get(field)!r}; delete that folder or pass another --cache-dir")
+
+
+def write_done(path, done):
+    """Writes the (K, chunks) progress record atomically: a crash leaves the old record or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, done)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def open_cache(folder, key, shape_of, chunk):
+    """(meta, done (K, chunks) uint8) of the cache in `folder`: checked if it exists, else created with the
+    shape `shape_of()` (K, N, L, D) — a forward pass, skipped for an existing cache (its key fixes L and D)."""
+    meta_path, features_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            check_meta(folder, meta, key)
+            stored = np.load(features_path, mmap_mode="r").shape
+            done = np.load(os.path.join(folder, "done.npy"))
+        except (OSError, json.JSONDecodeError, EOFError) as e:
+            raise ValueError(f"the feature cache {folder} is unreadable ({e}); delete that folder") from None
+        if list(stored) != meta["shape"] or list(stored[:2]) != [key["views"], key["n_images"]] \
+                or done.shape != (stored[0], -(-stored[1] // meta["chunk"])):
+            raise ValueError(f"the feature cache {folder} is inconsistent (features {tuple(stored)}, progress "
+                             f"{done.shape}, meta {meta['shape']}); delete that folder")
+        return meta, done
+    shape = shape_of()
+    size = int(np.prod(shape)) * 2
+    free = shutil.disk_usage(folder).free
+    if free < size:
+        raise ValueError(f"the feature cache needs {size / 1e9:.1f} GB in {folder} but {free / 1e9:.1f} GB are "
+                         f"free; pass a smaller --cache-views or another --cache-dir")
+    np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=shape).flush()  # a sparse file
+    done = np.zeros((shape[0], -(-shape[1] // chunk)), dtype=np.uint8)  # (K, chunks)
+    write_done(os.path.join(folder, "done.npy"), done)
+    meta = {"key": key, "shape": list(shape), "dtype": "float16", "chunk": chunk, "complete": False}
+    save_atomic(meta, meta_path)  # last: a folder without meta.json is an unfinished creation, made again
+    return meta, done
+
+
+def cached_features(dataset, model, device, batch_size, workers, cache_dir, key):
+    """(K, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first."""
+    folder = cache_folder(cache_dir, key)
+    os.makedirs(folder, exist_ok=True)
+    features_path, done_path = os.path.join(folder, "features.npy"), os.path.join(folder, "done.npy")
+    views = key["views"]
+    with build_lock(folder):
+        meta, done = open_cache(folder, key, lambda: (views, len(dataset), *feature_shape(dataset, model, device)),
+                                batch_size)
+        if not meta["complete"]:
+            chunk, shape = meta["chunk"], meta["shape"]  # the first attempt's chunk grid, whatever the batch now
+            todo = [(v, c) for v in range(done.shape[0]) for c in range(done.shape[1]) if not done[v, c]]
+            if len(todo) < done.size:
+                print(f"resuming the feature cache {folder}: {done.size - len(todo)} of {done.size} chunks done")
+            offset = np.load(features_path, mmap_mode="r").offset  # bytes of the .npy header
+            row = int(np.prod(shape[2:])) * 2  # bytes of one image's (L, D) fp16 features
+
+            with open(features_path, "r+b") as f:
+                def store(v, c, features):
+                    f.seek(offset + (v * shape[1] + c * chunk) * row)
+                    f.write(features.tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())  # the features reach the disk before the record says so
+                    done[v, c] = 1
+                    write_done(done_path, done)
+
+                encode_chunks(dataset, model, device, views, chunk, todo, workers, store,
+                              desc=f"caching {key.get('split', '')} features")
+            save_atomic({**meta, "complete": True}, os.path.join(folder, "meta.json"))
+    return np.load(features_path, mmap_mode="r")
 
 
 def encode_split(dataset, views, model, device, batch_size, workers, cache_dir=None, key=None):
-    """In-loop encoding (views=None) or `views` stored views; `cache_dir`/`key` will keep them on disk."""
+    """In-loop encoding (views=None), or `views` precomputed views kept in memory or, with `cache_dir`, on disk.
+
+    `key` (a dict of JSON values: clip, clip_sha256, data, data_root, image_size, split, view) names what the
+    features depend on; the image list, K and, for a model without sha256, its weights are added to it here.
+    """
+    if device.type == "cuda":
+        model.visual.to(memory_format=torch.channels_last)  # faster convolutions under autocast
     if views is None:
         return InLoop(dataset, model, device, workers)
-    return Stored(encode_all(dataset, model, device, views, batch_size, workers), dataset.labels, device)
+    with preserved_rng():
+        if cache_dir is not None:
+            features = cached_features(dataset, model, device, batch_size, workers, cache_dir,
+                                       cache_key(key, dataset, model, views))
+        else:
+            features = np.empty((views, len(dataset), *feature_shape(dataset, model, device)), dtype=np.float16)
+
+            def store(v, c, f):
+                features[v, c * batch_size: c * batch_size + len(f)] = f
+
+            todo = [(v, c) for v in range(views) for c in range(-(-len(dataset) // batch_size))]
+            encode_chunks(dataset, model, device, views, batch_size, todo, workers, store)
+    return Stored(features, dataset.labels, device)
