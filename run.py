@@ -31,9 +31,17 @@ from clipmlr.metrics import average_precision
 
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help already tells the default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     p.add_argument("--head", choices=sorted(HEADS), default="positive", help="which head to train")
     p.add_argument("--data", choices=["voc", "coco", "demo"], default="demo", help="dataset")
     p.add_argument("--labels", type=float, default=1.0, help="fraction of training labels kept, in (0, 1]")
@@ -124,6 +132,12 @@ def load_clip(args, calibration_images):
         return model.to(args.device), {"name": "random-tiny", "sha256": None}
     model, sha = clipmodule.load(name, device=args.device, root=args.weights_dir)
     return model, {"name": name, "sha256": sha}
+
+
+def feature_key(args, clip_info):
+    """What stored features depend on, besides the split and view (the cache refuses any mismatch)."""
+    return {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
+            "image_size": args.image_size, "data_root": os.path.abspath(args.data_root)}
 
 
 def lr_factor(epoch, args):
@@ -234,15 +248,15 @@ def run(args):
     # features: the frozen encoder runs once per image and view (cached) or once per batch (in the loop)
     t0 = time.time()
     cache_dir = args.cache_dir if args.cache_features else None
-    key = {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
-           "image_size": args.image_size, "data_root": os.path.abspath(args.data_root)}
+    key = feature_key(args, clip_info)
     encode = dict(model=model, device=device, batch_size=args.batch_size, workers=args.workers, cache_dir=cache_dir)
+    train_views = (args.cache_views if args.augment else 1) if args.cache_features else None  # 1: all alike
     train_set = encode_split(ImageDataset(train, mask_y, image_transform(args.image_size, train=args.augment)),
-                             views=args.cache_views if args.cache_features else None,
-                             key={**key, "split": "train", "view": "augmented"}, **encode)
+                             views=train_views, key={**key, "split": "train",
+                                                     "view": "augmented" if args.augment else "plain"}, **encode)
     test_set = encode_split(ImageDataset(test, test_y, image_transform(args.image_size, train=False)),
                             views=1, key={**key, "split": "test", "view": "plain"}, **encode)
-    views = f", training images x {args.cache_views} views" if args.cache_features else ""
+    views = f", training images x {train_views} view(s)" if args.cache_features else ""
     say(f"features: test split encoded once{views} in {time.time() - t0:.1f}s")
 
     # training: for epoch, for batch: features, forward, loss, backward, step

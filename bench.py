@@ -1,0 +1,332 @@
+"""Benchmark of clipmlr's speed work (a benchmark, not a test: it prints figures and never asserts on time).
+
+    python bench.py --quick                            # CPU, under a minute: the demo's miniature CLIP
+    python bench.py                                    # CPU: RN101's architecture (a few minutes)
+    python bench.py --device cuda --json bench.json    # GPU: RN101 at full size, plus a projected VOC run
+
+What it measures, side by side in one run (the CLIPs have random weights: no real weights exist offline, and
+speed does not depend on them):
+  1. image encoder: dense features per second at 448 px (bf16 autocast and channels_last on CUDA)
+  2. text encoder: forward + backward of C = 80 COCO prompts with 16 learned context tokens, run on all 77
+     tokens vs on their true length (up to the last EOT), and the largest relative difference of the features
+  3. one training step (forward, asymmetric loss, backward, SGD) of every head, on cached features vs with the
+     image encoder in the loop (images already decoded and augmented; the encoder's forward is what differs)
+  4. one epoch of the demo (`run.py --data demo`'s loop, PositiveCoOp), encoder in the loop vs cached features
+  5. peak memory; with RN101, the projected time of the paper's VOC2007 run (50 epochs of PositiveCoOp on
+     5,011 trainval images, 4,952 test images encoded once), with and without the feature cache (K views)
+On CUDA the image encoder runs under bf16 autocast with channels_last, as clipmlr.features does; the train
+step is also timed with the head under bf16 autocast. Without --quick, a CPU run takes a few minutes.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+
+import torch
+
+from clipmlr.clip.model import CLIP
+from clipmlr.data import VOC_CLASSES, ImageDataset, image_transform
+from clipmlr.demo import DEMO_CLASSES, demo_split, tiny_clip
+from clipmlr.features import encode_images, encode_split
+from clipmlr.heads import HEADS, Prompts, build_head, parameter_groups
+from clipmlr.loss import asymmetric_loss
+
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+VOC_RUN = {"train": 5011, "test": 4952, "epochs": 50}  # the paper's VOC2007 protocol (trainval, test)
+
+
+def rn101():
+    """CLIP RN101's architecture (OpenAI's hyper-parameters) with random weights, frozen, in eval mode."""
+    model = CLIP(embed_dim=512, image_resolution=224, vision_layers=[3, 4, 23, 3], vision_width=64,
+                 context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
+                 transformer_layers=12)
+    return model.eval().requires_grad_(False)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps, warmup=1):
+    """Best wall time of fn() in ms over `reps` runs, after `warmup` runs (GPU work included). The minimum, as
+    timeit reports: other processes only ever add time."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t0))
+    return min(times)
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated since the last reset (CUDA) or the process's peak resident set (CPU), in MB."""
+    if device.type == "cuda":
+        mb = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return mb
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def bench_image_encoder(model, size, batch, reps, device):
+    """Images per second through encode_dense at `size` px, as the cache build runs it."""
+    images = torch.randn(batch, 3, size, size)
+    if device.type == "cuda":
+        images = images.pin_memory()  # as the DataLoader hands them over
+
+    def run():
+        with torch.inference_mode():
+            encode_images(model, images, device)
+    return {"images_per_s": batch / timed(run, device, reps) * 1000, "batch": batch, "size": size}
+
+
+def bench_text_encoder(model, classnames, n_ctx, reps, device):
+    """Forward + backward of the prompts' text features on all 77 tokens vs on the true length."""
+    prompts = Prompts(model, classnames, n_ctx).to(device)
+    short = prompts.embeddings()  # (C, T', W): Prompts keeps the tokens up to the last EOT only
+    pad = model.token_embedding(torch.zeros(len(classnames), model.context_length - short.shape[1],
+                                            dtype=torch.long, device=device))  # (C, 77 - T', W) padding tokens
+
+    def run(truncate):
+        x = torch.cat([prompts.embeddings(), pad], dim=1)  # (C, 77, W), rebuilt each step as in training
+        features = model.encode_embedded(x, prompts.eot, truncate=truncate)  # (C, D)
+        features.square().sum().backward()
+        prompts.ctx.grad = None
+        return features.detach()
+
+    full, true = run(False), run(True)
+    return {"classes": len(classnames), "tokens_full": model.context_length, "tokens_true": short.shape[1],
+            "ms_full": timed(lambda: run(False), device, reps, warmup=0),  # the runs above were the warm-up
+            "ms_true": timed(lambda: run(True), device, reps, warmup=0),
+            "max_rel_diff": ((full - true).abs().max() / full.abs().max()).item()}
+
+
+def bench_train_steps(model, classnames, size, batch, reps, device):
+    """ms per training step of every head: cached (B, L, D) fp16 features vs (B, 3, S, S) images + encoder."""
+    images = torch.randn(batch, 3, size, size)
+    with torch.inference_mode():
+        cached = encode_images(model, images[:1], device).half().cpu()
+    cached = cached.expand(batch, -1, -1).clone()  # (B, L, D) fp16, as a cached batch arrives
+    if device.type == "cuda":
+        images, cached = images.pin_memory(), cached.pin_memory()
+    targets = torch.randint(-1, 2, (batch, len(classnames)), device=device)
+    out = {}
+    for name in sorted(HEADS):
+        torch.manual_seed(0)
+        head = build_head(name, model, classnames)
+        optimizer = torch.optim.SGD(parameter_groups(head, 0.002, 1.0, 0.01), momentum=0.9)
+
+        def step(features, bf16=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = head(features)
+            loss = asymmetric_loss(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def in_loop():
+            with torch.no_grad():
+                features = encode_images(model, images, device)
+            step(features)
+        out[name] = {"ms_cached": timed(lambda: step(cached.to(device, non_blocking=True).float()), device, reps),
+                     "ms_in_loop": timed(in_loop, device, max(1, reps // 3), warmup=0)}  # encoder warmed up
+        if device.type == "cuda":  # the head's forward (text encoder included) under bf16 autocast too
+            out[name]["ms_cached_bf16"] = timed(lambda: step(cached.to(device, non_blocking=True).float(), True),
+                                                device, reps)
+    return out
+
+
+def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
+    """Seconds of one epoch of run.py's loop on the demo: encoder in the loop vs cached, and the cache build."""
+    images, labels = demo_split(n, 0, size)
+    plain = image_transform(size, train=False)
+    model = tiny_clip(torch.stack([plain(im) for im in images]), resolution=size).to(device)
+    train = ImageDataset(images, labels, image_transform(size, train=True))
+    torch.manual_seed(0)
+    head = build_head("positive", model, DEMO_CLASSES)
+    optimizer = torch.optim.SGD(parameter_groups(head, 0.002, 1.0, 0.01), momentum=0.9)
+
+    def epoch(data):
+        t0 = time.perf_counter()
+        data.set_epoch(0)
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=data.workers,
+                                             pin_memory=device.type == "cuda")
+        total = torch.zeros((), device=device)
+        for x, targets, _ in loader:
+            loss = asymmetric_loss(head(data.to_features(x)), targets.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+        total.item()  # one sync per epoch, as in run.py
+        return time.perf_counter() - t0
+
+    key = {"clip": "random-tiny", "clip_sha256": None, "data": "demo", "image_size": size, "data_root": "bench",
+           "split": "train", "view": "augmented"}
+    encode = dict(model=model, device=device, batch_size=batch, workers=workers)
+    in_loop = encode_split(train, None, **encode)
+    s_in_loop = min(epoch(in_loop) for _ in range(epochs))  # each epoch starts its workers, as in run.py
+    with tempfile.TemporaryDirectory() as cache_dir:
+        t0 = time.perf_counter()
+        encode_split(train, views, cache_dir=cache_dir, key=key, **encode)
+        s_build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stored = encode_split(train, views, cache_dir=cache_dir, key=key, **encode)  # a later run: reads the key
+        s_open = time.perf_counter() - t0
+        epoch(stored)  # warm-up
+        s_cached = min(epoch(stored) for _ in range(3))
+    return {"images": n, "size": size, "views": views, "batch": batch, "workers": workers, "s_in_loop": s_in_loop,
+            "s_cached": s_cached, "s_build": s_build, "s_open_cache": s_open, "speedup": s_in_loop / s_cached}
+
+
+def bench_transform(size, n=16):
+    """ms per image of the training transform (resize, Cutout, RandAugment, to tensor) on one core."""
+    images, _ = demo_split(n, 0, max(size, 500))
+    transform = image_transform(size, train=True)
+    t0 = time.perf_counter()
+    for im in images:
+        transform(im)
+    return 1000 * (time.perf_counter() - t0) / n
+
+
+def projection(img_s, step_cached_ms, step_loop_ms, views, batch, transform_ms, workers):
+    """Projected hours of the paper's VOC2007 run: the measured encoder and step times (`hours_*`), and apart
+    from them the CPU time of the training transform spread over `workers` (`loader_hours_*`; JPEG decoding
+    not counted). The test split is encoded once either way, as run.py does."""
+    steps = VOC_RUN["epochs"] * math.ceil(VOC_RUN["train"] / batch)
+    uncached = VOC_RUN["test"] / img_s + steps * step_loop_ms / 1000
+    cached = (views * VOC_RUN["train"] + VOC_RUN["test"]) / img_s + steps * step_cached_ms / 1000
+    loader = transform_ms / 1000 / workers * VOC_RUN["train"] / 3600
+    return {"hours_uncached": uncached / 3600, "hours_cached": cached / 3600, "views": views, "batch": batch,
+            "loader_hours_uncached": VOC_RUN["epochs"] * loader, "loader_hours_cached": views * loader,
+            "workers": workers}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small settings: the miniature CLIP, under a minute on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: 1 with --quick on CPU, where threads that wait for each "
+                        "other on a busy machine make small ops ~10x slower; else torch's default)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading workers in the demo epoch")
+    p.add_argument("--views", type=int, default=8, help="cached views per training image (the projection's K)")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads or (args.quick and device.type == "cpu"):
+        torch.set_num_threads(args.threads or 1)
+    gpu, quick = device.type == "cuda", args.quick
+    # image batch and repetitions, text repetitions, train-step batch and repetitions
+    small = quick and not gpu
+    batch, reps, text_reps, step_batch, step_reps = (32, 10, 10, 32, 10) if gpu else (8, 3, 3, 8, 3) if quick \
+        else (2, 2, 1, 32, 2)
+    demo = (128, 224, 2, 32, 1) if small else (256, 224, 4, 32, 2)  # images, px, views, batch, in-loop epochs
+    model = (tiny_clip(resolution=448) if small else rn101()).to(device)
+    name = "miniature demo CLIP (random)" if small else "RN101 architecture (random weights)"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        model.visual.to(memory_format=torch.channels_last)
+        torch.cuda.reset_peak_memory_stats(device)
+    results = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if gpu else None,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "model": name, "quick": quick}
+    print(f"bench on {device} ({results['gpu'] or f'{torch.get_num_threads()} CPU threads'}), {name}; "
+          f"torch {torch.__version__}", flush=True)
+
+    sections = [
+        ("image_encoder", lambda: bench_image_encoder(model, 448, batch, reps, device)),
+        ("text_encoder", lambda: bench_text_encoder(model, COCO_CLASSES, 16, text_reps, device)),
+        ("train_step", lambda: bench_train_steps(model, VOC_CLASSES, 448, step_batch, step_reps, device)),
+        ("demo_epoch", lambda: bench_demo_epoch(*demo[:3], demo[3], args.workers, device, demo[4])),
+        ("transform_ms_per_image", lambda: bench_transform(448)),
+    ]
+    results["train_step_batch"], results["peak_mb"], results["seconds"] = step_batch, {}, {}
+    for section, run in sections:
+        t0 = time.perf_counter()
+        results[section] = run()
+        results["peak_mb"][section] = peak_memory_mb(device)
+        results["seconds"][section] = time.perf_counter() - t0
+        print(f"  {section}: {results['seconds'][section]:.1f} s", flush=True)
+    if not small:
+        steps = results["train_step"]["positive"]
+        results["voc_projection"] = projection(results["image_encoder"]["images_per_s"], steps["ms_cached"],
+                                               steps["ms_in_loop"], args.views, step_batch,
+                                               results["transform_ms_per_image"], os.cpu_count() or 1)
+    print_table(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"-> {args.json}")
+    return results
+
+
+def print_table(r):
+    image, text, demo, peak = r["image_encoder"], r["text_encoder"], r["demo_epoch"], r["peak_mb"]
+    rows = [
+        (f"image encoder, {image['size']} px, batch {image['batch']}", f"{image['images_per_s']:.1f} images/s",
+         f"peak {peak['image_encoder']:.0f} MB"),
+        (f"text encoder fwd+bwd, {text['classes']} prompts x {text['tokens_full']} tokens",
+         f"{text['ms_full']:.1f} ms", f"peak {peak['text_encoder']:.0f} MB"),
+        (f"text encoder fwd+bwd, {text['classes']} prompts x {text['tokens_true']} tokens (true length)",
+         f"{text['ms_true']:.1f} ms", f"{text['ms_full'] / text['ms_true']:.1f}x faster, max rel diff "
+                                     f"{text['max_rel_diff']:.1e}"),
+    ]
+    batch = r["train_step_batch"]
+    for name, s in r["train_step"].items():
+        rows.append((f"train step {name}, batch {batch}: cached / encoder in loop",
+                     f"{s['ms_cached']:.1f} / {s['ms_in_loop']:.1f} ms",
+                     f"{s['ms_in_loop'] / s['ms_cached']:.1f}x faster cached"))
+        if "ms_cached_bf16" in s:
+            rows.append((f"train step {name}, cached, head under bf16 autocast", f"{s['ms_cached_bf16']:.1f} ms",
+                         f"{s['ms_cached'] / s['ms_cached_bf16']:.1f}x faster than fp32"))
+    rows[-1] = (*rows[-1][:2], rows[-1][2] + f", peak {peak['train_step']:.0f} MB")
+    rows += [
+        (f"demo epoch ({demo['images']} images, {demo['size']} px): encoder in loop / cached",
+         f"{demo['s_in_loop']:.2f} / {demo['s_cached']:.3f} s", f"{demo['speedup']:.1f}x faster cached"),
+        (f"demo cache build ({demo['views']} views) / reopen",
+         f"{demo['s_build']:.2f} / {demo['s_open_cache']:.3f} s",
+         f"peak {peak['demo_epoch']:.0f} MB"),
+        ("training transform at 448 px (one core)", f"{r['transform_ms_per_image']:.1f} ms/image", ""),
+    ]
+    if "voc_projection" in r:
+        v = r["voc_projection"]
+        rows.append((f"VOC2007 50 epochs PositiveCoOp (batch {v['batch']}): no cache / cache K={v['views']}",
+                     f"{v['hours_uncached']:.2f} / {v['hours_cached']:.2f} h",
+                     f"{v['hours_uncached'] / v['hours_cached']:.1f}x (encoder and steps)"))
+        rows.append((f"  + training transform on {v['workers']} workers: no cache / cache",
+                     f"{v['loader_hours_uncached']:.2f} / {v['loader_hours_cached']:.2f} h",
+                     "runs beside the encoder and steps if workers keep up"))
+    width = max(len(row[0]) for row in rows)
+    memory = "peak GPU memory allocated in the section" if r["gpu"] else "peak resident memory of the process so far"
+    print(f"\n{r['model']} on {r['gpu'] or r['device']}; peak = {memory}\n")
+    print(f"| {'measure':<{width}} | {'value':>22} | note")
+    print(f"|{'-' * (width + 2)}|{'-' * 24}|------")
+    for what, value, note in rows:
+        print(f"| {what:<{width}} | {value:>22} | {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""The PositiveCoOp paper's analyses as commands, on any CLIP checkpoint or the demo's random miniature CLIP.
+
+    python -m clipmlr.analysis sweep --data voc --heads baseline dual positive negative --labels 0.1 0.5 0.9
+    python -m clipmlr.analysis zeroshot --data voc             # hand-written prompts, no training
+    python -m clipmlr.analysis negation --clip RN101           # Sec. 5.2, Table 2
+    python -m clipmlr.analysis maps --data demo --index 3 [--run runs/demo-positive-1-seed0]    # Fig. 1
+
+Options a subcommand does not list are run.py's (--data, --clip, --epochs, --image-size, --device, ...) and mean
+what they mean there; the sweep passes them to every run. Outputs go under runs/analysis/ unless --out says
+otherwise; every command prints where it wrote them.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import CheckpointError, save_atomic
+from .clip import DownloadError
+from .data import DataError, ImageDataset, image_transform
+from .features import encode_split
+from .heads import HEADS, build_head
+from .metrics import average_precision
+from .plots import similarity_figure
+from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table, similarity_maps,
+                         text_features, zero_shot_scores)
+from .sweep import DEMO_NOTE, PROPORTIONS, SweepError, run_sweep, write_sweep
+from .templates import ABSENCE, COCO_CLASSES, PRESENCE, fill
+
+
+class AnalysisError(Exception):
+    """A bad argument or input of an analysis command; the message says what to give instead."""
+
+
+def driver():
+    """run.py, the training driver at the repository root (the analyses reuse its data and CLIP loading)."""
+    try:
+        import run
+    except ImportError:
+        raise AnalysisError("cannot import run.py: run the analyses from the repository root "
+                            "(cd to the folder holding run.py, then python -m clipmlr.analysis ...)") from None
+    return run
+
+
+def load_clip(run, args, train=None):
+    """(model, {"name", "sha256"}) as run.py loads it; the demo's miniature CLIP is calibrated on its images."""
+    if train is None and args.data == "demo":
+        train = run.load_data(args)[0]
+    return run.load_clip(args, train)
+
+
+# ---------------------------------------------------------------------------------------------------- zero-shot
+
+@torch.no_grad()
+def zero_shot(run, args, presence=PRESENCE, absence=ABSENCE):
+    """mAP of hand-written prompts on the test split of `args.data`, aggregated and scored like the heads."""
+    train, _, test, test_y, classnames = run.load_data(args)
+    model, clip_info = load_clip(run, args, train)
+    device = torch.device(args.device)
+    embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
+    # the same encoding (and, with --cache-features, the same feature cache) as run.py's test split
+    key = run.feature_key(args, clip_info)
+    test_set = encode_split(ImageDataset(test, test_y, image_transform(args.image_size, train=False)),
+                            views=1 if args.cache_features else None, key={**key, "split": "test", "view": "plain"},
+                            model=model, device=device, batch_size=args.batch_size, workers=args.workers,
+                            cache_dir=args.cache_dir if args.cache_features else None)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, num_workers=test_set.workers)
+    scores = torch.cat([zero_shot_scores(test_set.to_features(x), *embeddings).cpu() for x, _, _ in loader])
+    ap = average_precision(scores, test_y)
+    return {"map": 100 * float(np.nanmean(ap)), "per_class_ap": {n: 100 * float(a) for n, a in zip(classnames, ap)},
+            "presence": presence, "absence": absence, "data": args.data, "image_size": args.image_size,
+            "test_images": len(test), "clip": clip_info, "settings": zero_shot_settings(args)}
+
+
+def zero_shot_settings(args):
+    """What a zero-shot result depends on (a stored one is reused only when they are the same)."""
+    return {k: getattr(args, k, None) for k in ("data", "data_root", "clip", "image_size", "demo_images",
+                                                 "voc_difficult")}
+
+
+def zero_shot_markdown(result):
+    lines = [f"# Zero-shot reference on {result['data']}, CLIP {result['clip']['name']}", ""]
+    if result["clip"]["name"] == "random-tiny":
+        lines += [f"**{DEMO_NOTE}.**", ""]
+    lines += [f"Hand-written prompts, no training: presence \"{result['presence']}\", absence "
+              f"\"{result['absence']}\"; the heads' aggregation (20·cos, softmax over positions) and mAP on "
+              f"{result['test_images']} test images.", "", f"mAP: {result['map']:.2f}", "",
+              "| Class | AP |", "|---|---|"]
+    lines += [f"| {n} | {a:.1f} |" for n, a in result["per_class_ap"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_zeroshot(opts, extras):
+    run = driver()
+    args = run.parse_args(extras)
+    out = opts.out or os.path.join("runs", "analysis", f"zeroshot-{args.data}")
+    result = zero_shot(run, args, opts.presence, opts.absence)
+    os.makedirs(out, exist_ok=True)
+    save_atomic(result, os.path.join(out, "results.json"))
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(zero_shot_markdown(result))
+    print(f"zero-shot mAP {result['map']:.2f}" + (" (random miniature CLIP)" if result["clip"]["name"] ==
+                                                  "random-tiny" else ""))
+    print(f"wrote {out}/results.json and {out}/table.md")
+
+
+# ---------------------------------------------------------------------------------------------------- sweep
+
+def cmd_sweep(opts, extras):
+    run = driver()
+    for p in opts.labels:
+        if not 0 < p <= 1:
+            raise AnalysisError(f"--labels {p} is outside (0, 1]: give fractions of labels kept, e.g. 0.1 0.5 0.9")
+    for own, instead in (("--head", "--heads"), ("--seed", "--seeds"), ("--resume", "nothing: it resumes by itself")):
+        if any(a == own or a.startswith(own + "=") for a in extras):
+            raise AnalysisError(f"the sweep sets {own} for each run itself; give {instead}")
+    args = run.parse_args(extras)
+    out = opts.out or os.path.join("runs", "analysis", f"sweep-{args.data}")
+    results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out)
+    zero = None
+    if not opts.no_zero_shot:
+        path = os.path.join(out, "zeroshot.json")
+        if os.path.isfile(path):  # done by an earlier call of this sweep, perhaps with other settings
+            with open(path) as f:
+                zero = json.load(f)
+            if zero.get("settings") != json.loads(json.dumps(zero_shot_settings(args))):
+                zero = None
+        if zero is None:
+            zero = zero_shot(run, args)
+            save_atomic(zero, path)
+    paths = write_sweep(results, zero, args.data, results[0]["clip"]["name"], out)
+    with open(paths["table.md"]) as f:
+        print(f.read())
+    print("wrote " + ", ".join(paths.values()))
+
+
+# ---------------------------------------------------------------------------------------------------- negation
+
+def cmd_negation(opts, extras):
+    run = driver()
+    args = run.parse_args(extras)
+    model, clip_info = load_clip(run, args)
+    name = clip_info["name"]
+    out = opts.out or os.path.join("runs", "analysis", f"negation-{os.path.splitext(os.path.basename(name))[0]}")
+    similarities = negation_similarities(model, COCO_CLASSES)
+    summaries = negation_summary(similarities)
+    text = negation_table(summaries, name)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text)
+    per_class = {"classes": COCO_CLASSES, "one prompt": {k: v.tolist() for k, v in similarities["one prompt"].items()},
+                 "85 templates, per-class mean": {"p1_n1": similarities["85 templates"]["p1_n1"].mean(0).tolist(),
+                                                  "p1_p2": similarities["85 templates"]["p1_p2"].mean(1).tolist()}}
+    save_atomic({"clip": clip_info, "summary": summaries, "per_class": per_class}, os.path.join(out, "results.json"))
+    print(text)
+    print(f"wrote {out}/table.md and {out}/results.json")
+
+
+# ---------------------------------------------------------------------------------------------------- maps
+
+def settings_argv(settings):
+    """run.py options that rebuild the CLIP, data and head a run was trained with (from its results.json)."""
+    argv = []
+    for key in ("data", "clip", "image_size", "demo_images", "n_ctx"):
+        if settings.get(key) is not None:
+            argv += ["--" + key.replace("_", "-"), str(settings[key])]
+    return argv + (["--shared-context"] if settings.get("shared_context") else [])
+
+
+def trained_head(run_dir, model, clip_info):
+    """(head, class names) of a finished run folder: the head rebuilt with build_head and its head.pt loaded."""
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    if results["clip"]["sha256"] != clip_info["sha256"] or results["clip"]["name"] != clip_info["name"]:
+        raise AnalysisError(f"{run_dir} was trained on CLIP {results['clip']['name']} (sha256 "
+                            f"{results['clip']['sha256']}), but {clip_info['name']} ({clip_info['sha256']}) is "
+                            f"loaded; pass the run's --clip")
+    s = results["settings"]
+    classnames = list(results["per_class_ap"])
+    head = build_head(s["head"], model, classnames, n_ctx=s["n_ctx"], class_specific=not s["shared_context"])
+    head.load_state_dict(torch.load(os.path.join(run_dir, "head.pt"), map_location=model.token_embedding.weight.device))
+    return head.eval(), classnames, s["head"]
+
+
+def pick_image(opts, test, test_y, classnames):
+    """(RGB image, its present class names, a label for the file name): --image, or test image --index."""
+    if opts.image:
+        try:
+            with Image.open(opts.image) as f:
+                return f.convert("RGB"), [], os.path.splitext(os.path.basename(opts.image))[0]
+        except OSError as e:
+            raise AnalysisError(f"cannot read the image {opts.image}: {e}") from None
+    if not 0 <= opts.index < len(test):
+        raise AnalysisError(f"--index {opts.index} is outside the test split's 0..{len(test) - 1}")
+    image = test[opts.index]
+    if not isinstance(image, Image.Image):  # a path
+        with Image.open(image) as f:
+            image = f.convert("RGB")
+    present = [classnames[c] for c in torch.nonzero(test_y[opts.index] == 1).flatten()]
+    return image.convert("RGB"), present, f"test{opts.index}"
+
+
+@torch.no_grad()
+def cmd_maps(opts, extras):
+    if opts.panel < 32:
+        raise AnalysisError(f"--panel {opts.panel} is too small to draw on; give at least 32 (pixels per panel)")
+    run = driver()
+    settings = None
+    if opts.run:
+        path = os.path.join(opts.run, "results.json")
+        if not os.path.isfile(path) or not os.path.isfile(os.path.join(opts.run, "head.pt")):
+            raise AnalysisError(f"--run {opts.run} holds no finished run (results.json and head.pt); give the "
+                                f"--out folder of a completed `python run.py ...`")
+        with open(path) as f:
+            settings = json.load(f)["settings"]
+        extras = settings_argv(settings) + extras
+    args = run.parse_args(extras)
+    train = test = test_y = classnames = None
+    if args.data == "demo" or opts.image is None:
+        train, _, test, test_y, classnames = run.load_data(args)
+    model, clip_info = load_clip(run, args, train)
+    head = None
+    if settings is not None:
+        head, classnames, head_name = trained_head(opts.run, model, clip_info)
+
+    image, present, label = pick_image(opts, test, test_y, classnames)
+    name = opts.cls or (present[0] if present else None)
+    if name is None:
+        raise AnalysisError("give the class to map with --class NAME")
+    if head is not None and name not in classnames:
+        raise AnalysisError(f"--class {name!r} is not one of the run's classes {classnames}")
+
+    # the two embeddings (or the baseline's two channels) and the per-position maps
+    device = model.token_embedding.weight.device
+    features = model.encode_dense(image_transform(args.image_size, train=False)(image)[None].to(device))[0]  # (L, D)
+    value_name = "cosine similarity"
+    if head is None:
+        prompts = [fill(t, [name])[0] for t in (opts.presence, opts.absence)]
+        presence, absence = text_features(model, prompts)
+        maps, source, captions = similarity_maps(features, presence, absence), "hand-written", prompts
+        described = "hand-written prompts"
+    elif head_name == "baseline":
+        maps = linear_maps(head, features, classnames.index(name))
+        source, captions, value_name = "baseline", ["presence channel", "absence channel"], "linear output"
+        described = "the baseline head's linear channels"
+    else:
+        presence, absence = (e[classnames.index(name)] for e in head.class_embeddings())
+        maps, source = similarity_maps(features, presence, absence), head_name
+        captions = [f"learned presence ({head_name})", f"learned absence ({head_name})"]
+        described = f"the {head_name} head's learned embeddings"
+    title = f"{name}: {described}; CLIP {clip_info['name']}"
+    if clip_info["name"] == "random-tiny":
+        title += " (random miniature CLIP)"
+    figure = similarity_figure(image, list(maps.numpy()), ["image" + (f" ({', '.join(present)})" if present else "")]
+                               + captions, title, panel=opts.panel, value_name=value_name)
+    out = opts.out or os.path.join("runs", "analysis", "maps")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{label}-{name.replace(' ', '_')}-{source}.png")
+    figure.save(path)
+    print(f"maps of {name!r} ({source}): presence {maps[0].min():.3f}..{maps[0].max():.3f}, absence "
+          f"{maps[1].min():.3f}..{maps[1].max():.3f} ({value_name}); wrote {path} ({figure.size[0]}x{figure.size[1]})")
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+
+def parse_args(argv=None):
+    """(the analysis' own options, the rest for run.py)."""
+    p = argparse.ArgumentParser(prog="python -m clipmlr.analysis", description=__doc__.split("\n\n")[0],
+                                epilog="Any other option is run.py's (see python run.py --help).", allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sweep", allow_abbrev=False, help="train heads x label proportions x seeds; table and plot")
+    s.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=["baseline", "dual", "positive", "negative"],
+                   help="heads to train, the table's rows (default: all four)")
+    s.add_argument("--labels", nargs="+", type=float, default=list(PROPORTIONS),
+                   help="fractions of training labels kept, the table's columns (default: 0.1 0.2 ... 0.9)")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds per (head, labels), mean ± std "
+                   "(default: 0)")
+    s.add_argument("--no-zero-shot", action="store_true", help="leave out the zero-shot reference row")
+    s.add_argument("--out", default=None, help="sweep folder (default: runs/analysis/sweep-<data>)")
+    z = sub.add_parser("zeroshot", allow_abbrev=False, help="hand-written prompts, no training: test mAP")
+    z.add_argument("--out", default=None, help="output folder (default: runs/analysis/zeroshot-<data>)")
+    n = sub.add_parser("negation", allow_abbrev=False, help="cosine of 'photo of a {}' and 'not a photo of a {}'")
+    n.add_argument("--out", default=None, help="output folder (default: runs/analysis/negation-<clip>)")
+    m = sub.add_parser("maps", allow_abbrev=False, help="an image's similarity maps with presence/absence embeddings")
+    m.add_argument("--run", default=None, help="a finished run.py folder: map its learned embeddings "
+                   "(default: hand-written prompts)")
+    m.add_argument("--class", dest="cls", default=None, help="class to map (default: the image's first label)")
+    m.add_argument("--image", default=None, help="an image file (default: test image --index of --data)")
+    m.add_argument("--index", type=int, default=0, help="which test image when no --image is given (default: 0)")
+    m.add_argument("--panel", type=int, default=256, help="side of each panel in pixels (default: 256); the PNG "
+                   "is (3·panel + 32) x (panel + 100)")
+    m.add_argument("--out", default=None, help="output folder (default: runs/analysis/maps)")
+    for q in (z, m):
+        q.add_argument("--presence", default=PRESENCE, help=f"hand-written presence template, {{}} = class name "
+                       f"(default: {PRESENCE!r})")
+        q.add_argument("--absence", default=ABSENCE, help=f"hand-written absence template (default: {ABSENCE!r})")
+    return p.parse_known_args(argv)
+
+
+COMMANDS = {"sweep": cmd_sweep, "zeroshot": cmd_zeroshot, "negation": cmd_negation, "maps": cmd_maps}
+
+
+def main(argv=None):
+    opts, extras = parse_args(argv)
+    try:
+        COMMANDS[opts.command](opts, extras)
+    except (AnalysisError, SweepError, DataError, CheckpointError, DownloadError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""A sweep of heads x label proportions x seeds through run.py, and its table and plot beside the paper's numbers.
+
+Each (head, labels, seed) is one call of run.py's `main` in this process, into its own folder under the sweep's
+folder; a run whose results.json exists is skipped and an interrupted one is resumed, so a sweep that stops can be
+started again with the same command. The table has the layout of the PositiveCoOp paper's Table 1 (rows heads,
+columns the fraction of labels kept, then the average) with the trainable parameters and the training time per
+run (supplement Table 3); the paper's own rows sit under ours for VOC2007 and COCO2014.
+"""
+import csv
+import json
+import os
+
+import numpy as np
+
+from .checkpoint import settings_mismatch
+from .plots import colour_of, line_plot
+
+PROPORTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+PAPER_TABLE1 = {  # mAP (%) at 10% ... 90% labels, ResNet-101 CLIP (Table 1)
+    "voc": {
+        "baseline": [90.5, 92.2, 92.8, 93.0, 93.3, 93.8, 93.9, 94.0, 94.2],
+        "dual": [90.3, 92.2, 92.8, 93.3, 93.6, 93.9, 94.0, 94.1, 94.2],
+        "positive": [91.4, 92.8, 93.4, 93.6, 93.8, 94.0, 94.2, 94.2, 94.3],
+        "negative": [88.9, 89.3, 89.6, 89.9, 90.7, 91.2, 91.8, 92.1, 92.4],
+    },
+    "coco": {
+        "baseline": [78.9, 80.6, 81.3, 81.9, 82.7, 82.8, 82.9, 83.2, 83.5],
+        "dual": [78.7, 80.9, 81.7, 82.0, 82.5, 82.7, 82.8, 83.0, 83.1],
+        "positive": [79.8, 82.1, 83.0, 83.5, 83.7, 83.9, 84.0, 84.2, 84.4],
+        "negative": [77.8, 80.3, 81.0, 81.9, 82.2, 82.4, 82.7, 82.8, 82.9],
+    },
+}
+PAPER_AVERAGE = {"voc": {"baseline": 93.1, "dual": 93.2, "positive": 93.6, "negative": 90.8},
+                 "coco": {"baseline": 82.0, "dual": 81.9, "positive": 83.2, "negative": 81.6}}
+PAPER_COST = {  # (trainable parameters as printed, GPU hours on one RTX A4000) from Table 1 and supplement Table 3
+    "voc": {"baseline": ("20k", 1.5), "dual": ("0.3M", 3.55), "positive": ("0.17M", 3), "negative": ("0.17M", 3)},
+    "coco": {"baseline": ("80k", 7.97), "dual": ("1.3M", 16), "positive": ("0.73M", 16), "negative": ("0.73M", 16)},
+}
+DEMO_NOTE = "random miniature CLIP (demo): the numbers show the pipeline works and say nothing about the paper"
+
+
+class SweepError(Exception):
+    """A run of the sweep that failed, or a folder holding a run made with other settings."""
+
+
+def run_folder(out, data, head, labels, seed):
+    return os.path.join(out, f"{data}-{head}-{labels:g}-seed{seed}")
+
+
+def run_sweep(heads, proportions, seeds, run_argv, out):
+    """Trains every (head, labels, seed) not done yet through run.py; returns the list of their results dicts.
+
+    run_argv: further run.py options shared by every run (e.g. ["--data", "voc", "--epochs", "50"]).
+    """
+    import run as driver  # run.py at the repository root: the sweep drives it as a user would
+    base = driver.parse_args(list(run_argv))
+    if "--no-cache-features" not in run_argv:
+        run_argv = list(run_argv) + ["--cache-features"]  # the frozen encoder runs once per image (and view)
+    results = []
+    for head in heads:
+        for labels in proportions:
+            for seed in seeds:
+                folder = run_folder(out, base.data, head, labels, seed)
+                argv = run_argv + ["--head", head, "--labels", str(labels), "--seed", str(seed), "--out", folder]
+                wanted = driver.settings_of(driver.parse_args(argv))
+                done = os.path.join(folder, "results.json")
+                if os.path.isfile(done):
+                    with open(done) as f:
+                        result = json.load(f)
+                    diff = settings_mismatch(result["settings"], wanted)
+                    if diff:
+                        raise SweepError(f"{folder} holds a run with other settings ({diff}); give the sweep "
+                                         f"another --out, or delete that folder to train it again")
+                    print(f"sweep: {folder} is done, skipped")
+                    results.append(result)
+                    continue
+                if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
+                    argv.append("--resume")  # interrupted earlier: continue where it stopped
+                print(f"sweep: training {head}, labels {labels:g}, seed {seed} -> {folder}", flush=True)
+                code = driver.main(argv)
+                if code != 0:
+                    raise SweepError(f"the run in {folder} stopped (exit code {code}); the finished runs are kept, "
+                                     f"so run the same sweep command again to continue once the problem is fixed")
+                with open(done) as f:
+                    results.append(json.load(f))
+    return results
+
+
+def summarise(results):
+    """{head: {labels: [mAP per seed]}}, {head: (trainable parameters, mean training seconds per run)}."""
+    maps, cost = {}, {}
+    for r in results:
+        maps.setdefault(r["head"], {}).setdefault(r["labels"], []).append(r["map"])
+        cost.setdefault(r["head"], []).append((r["trainable_params"], r["train_seconds"]))
+    return maps, {h: (c[0][0], float(np.mean([s for _, s in c]))) for h, c in cost.items()}
+
+
+def duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 3600 else \
+        f"{seconds / 3600:.2f} h"
+
+
+def cell(values):
+    if not values:
+        return "–"
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
+
+
+def sweep_table(results, zero_shot, data, clip_name):
+    """(Markdown text, CSV rows) in Table 1's layout: ours per head, then the paper's row for that head.
+
+    results: run.py results dicts; zero_shot: a zero-shot result dict (see analysis.zero_shot) or None.
+    """
+    maps, cost = summarise(results)
+    columns = sorted({r["labels"] for r in results})
+    seeds = sorted({r["seed"] for r in results})
+    paper = PAPER_TABLE1.get(data, {})
+    names = [f"{100 * p:g}%" for p in columns]
+    header = ["Method"] + names + ["Avg", "#Params", "Train time / run"]
+    rows_md, rows_csv = [], []
+
+    def add(method, source, values_per_column, params, time_text, seconds):  # one row of each table
+        means = [float(np.mean(v)) if v else None for v in values_per_column]
+        known = [m for m in means if m is not None]
+        average = float(np.mean(known)) if known else None
+        rows_md.append([method] + [cell(v) for v in values_per_column] +
+                       ["–" if average is None else f"{average:.1f}", params, time_text])
+        rows_csv.append({"method": method, "source": source, **{n: m for n, m in zip(names, means)},
+                         "avg": average, "params": params.replace(",", ""), "seconds_per_run": seconds})
+
+    if zero_shot is not None:
+        zs = [[zero_shot["map"]]] * len(columns)  # no training: the same at every proportion
+        add(f"zero-shot (\"{zero_shot['presence']}\" / \"{zero_shot['absence']}\")", "ours", zs, "0", "0 s", 0.0)
+    footnotes = []
+    for head in maps:
+        params, seconds = cost[head]
+        add(head, "ours", [maps[head].get(p, []) for p in columns], f"{params:,}", duration(seconds), seconds)
+        if head in paper:
+            values = [[paper[head][PROPORTIONS.index(p)]] if p in PROPORTIONS else [] for p in columns]
+            p_params, hours = PAPER_COST[data][head]
+            add(f"{head} (paper)", "paper", values, p_params, f"{hours:g} GPU-h", hours * 3600)
+            if columns == list(PROPORTIONS):  # the published average, not the mean of rounded cells
+                rows_md[-1][len(columns) + 1] = f"{PAPER_AVERAGE[data][head]:.1f}"
+                rows_csv[-1]["avg"] = PAPER_AVERAGE[data][head]
+            else:
+                rows_md[-1][len(columns) + 1] += "*"
+                footnotes.append(f"{head}: the paper's Avg over 10%…90% is {PAPER_AVERAGE[data][head]}")
+
+    title = f"# Sweep on {data}, CLIP {clip_name}"
+    lines = [title, ""]
+    if clip_name == "random-tiny":
+        lines += [f"**{DEMO_NOTE}.**", ""]
+    seeds_text = f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    lines += [f"mAP (%) of the last epoch on the test split; columns: fraction of training labels kept; Avg: mean "
+              f"of the columns; {seeds_text}. "
+              f"Train time: training epochs only, mean per run on this machine (the paper: GPU hours on one RTX "
+              f"A4000, supplement Table 3; its rows use a ResNet-101 CLIP).", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows_md]
+    if footnotes:
+        lines += ["", "\\* mean of the shown columns; " + "; ".join(footnotes) + "."]
+    return "\n".join(lines) + "\n", rows_csv
+
+
+def sweep_plot(results, zero_shot, data, clip_name):
+    """A PIL image: mAP against the fraction of labels kept, per head; the paper's values as hollow squares."""
+    maps, _ = summarise(results)
+    paper = PAPER_TABLE1.get(data, {})
+    series = []
+    for i, head in enumerate(maps):
+        xs = sorted(maps[head])
+        series.append({"label": head, "colour": colour_of(head, i), "xs": xs, "style": "line",
+                       "ys": [float(np.mean(maps[head][x])) for x in xs]})
+        if head in paper:
+            series.append({"label": f"{head} (paper)", "colour": colour_of(head, i), "xs": list(PROPORTIONS),
+                           "ys": paper[head], "style": "markers"})
+    if zero_shot is not None:
+        series.append({"label": "zero-shot", "colour": colour_of("zero-shot"), "xs": [0.0],
+                       "ys": [zero_shot["map"]], "style": "hline"})
+    title = f"mAP against labels kept: {data}, CLIP {clip_name}"
+    if clip_name == "random-tiny":
+        title += " (random miniature CLIP: not the paper's numbers)"
+    return line_plot(series, title, "fraction of training labels kept", "mAP (%)")
+
+
+def write_sweep(results, zero_shot, data, clip_name, out):
+    """Writes table.md, table.csv, runs.csv and plot.png into `out`; returns their paths."""
+    os.makedirs(out, exist_ok=True)
+    text, rows = sweep_table(results, zero_shot, data, clip_name)
+    paths = {name: os.path.join(out, name) for name in ("table.md", "table.csv", "runs.csv", "plot.png")}
+    with open(paths["table.md"], "w") as f:
+        f.write(text)
+    with open(paths["table.csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(paths["runs.csv"], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["head", "labels", "seed", "map", "trainable_params", "train_seconds"])
+        for r in sorted(results, key=lambda r: (r["head"], r["labels"], r["seed"])):
+            writer.writerow([r["head"], r["labels"], r["seed"], r["map"], r["trainable_params"], r["train_seconds"]])
+    sweep_plot(results, zero_shot, data, clip_name).save(paths["plot.png"])
+    return paths

@@ -1,0 +1,1774 @@
+"""The clipmlr test suite: CPU only, offline (nothing is downloaded; checkpoints, datasets and an HTTP server on
+127.0.0.1 are made here), a few minutes on two cores.
+
+Sections: aggregation / heads / loss / masking / mAP; the vendored CLIP (checkpoints in OpenAI's formats, tokenizer,
+dense features, downloads); run.py end to end (demo, VOC and COCO trees, bad input); runs that survive (resume,
+corrupt files, torchrun); the feature cache; the analyses. Expected values are computed independently of the code
+under test (by hand, from the formula, or from the model's own weights with plain torch ops).
+"""
+from types import SimpleNamespace
+import copy
+import csv
+import gzip
+import hashlib
+import http.server
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import xml.etree.ElementTree as ET
+
+from PIL import Image
+from torch import nn
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipmlr.aggregation import aggregate, prompt_logits
+from clipmlr.clip import tokenize
+from clipmlr.clip.model import CLIP
+from clipmlr.data import mask_labels
+from clipmlr.heads import build_head, count_trainable, parameter_groups
+from clipmlr.loss import asymmetric_loss
+from clipmlr.metrics import average_precision, mean_average_precision
+import clipmlr.clip as clip
+from clipmlr.clip import CLIP, build_model, tokenize
+from clipmlr.clip.load import MODELS, model_url
+import run
+from clipmlr.data import DataError, load_coco, load_voc, mask_labels
+from clipmlr.demo import demo_split
+from clipmlr.checkpoint import save_atomic
+from clipmlr.data import DataError, ImageDataset, image_transform, load_coco, load_voc
+from clipmlr import features as cache_features
+from clipmlr.data import ImageDataset, image_transform
+from clipmlr.demo import demo_split, tiny_clip
+from clipmlr.heads import Prompts
+from clipmlr import analysis
+from clipmlr.aggregation import prompt_logits
+from clipmlr.data import image_transform
+from clipmlr.metrics import mean_average_precision
+from clipmlr.plots import figure_size
+from clipmlr.similarity import negation_similarities, negation_summary, similarity_maps
+from clipmlr.sweep import PAPER_AVERAGE, PAPER_TABLE1, PROPORTIONS, sweep_table
+from clipmlr.templates import COCO_CLASSES, TEMPLATES, negated
+
+
+# ------------------------------------------------------------------ aggregation, heads, loss, masking, mAP
+
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole suite: its tensors are tiny, and on a busy 2-core machine two threads
+    that wait for each other make every op ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _small_clip(embed_dim=32, text_width=64, seed=0):
+    torch.manual_seed(seed)
+    return CLIP(embed_dim=embed_dim, image_resolution=64, vision_layers=[1, 1, 1, 1], vision_width=8,
+                context_length=77, vocab_size=49408, transformer_width=text_width, transformer_heads=1,
+                transformer_layers=1).eval().requires_grad_(False)
+
+
+def _cos(u, v):
+    return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+
+
+def test_aggregate_by_hand():
+    scores = torch.tensor([[[1.0, 0.0], [3.0, 2.0]]])  # (B=1, L=2, K=2)
+    out = aggregate(scores, scores)
+    w = [math.exp(1) / (math.exp(1) + math.exp(3)), math.exp(3) / (math.exp(1) + math.exp(3))]
+    v = [1 / (1 + math.exp(2)), math.exp(2) / (1 + math.exp(2))]
+    assert out.shape == (1, 2)
+    assert out[0, 0].item() == pytest.approx(5 * (w[0] * 1 + w[1] * 3), rel=1e-6)
+    assert out[0, 1].item() == pytest.approx(5 * (v[0] * 0 + v[1] * 2), rel=1e-6)
+
+
+def test_prompt_logits_by_hand():
+    feats = [[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]]  # L = 3 positions, D = 2
+    pos, neg = [1.0, 1.0], [-1.0, 0.5]  # C = 1
+    out = prompt_logits(torch.tensor([feats]), torch.tensor([pos]), torch.tensor([neg]))
+    s_pos = [20 * _cos(f, pos) for f in feats]
+    s_neg = [20 * _cos(f, neg) for f in feats]
+    w = [math.exp(s) / sum(math.exp(t) for t in s_pos) for s in s_pos]  # presence weights, both sides
+    assert out.shape == (1, 1, 2)
+    assert out[0, 0, 0].item() == pytest.approx(5 * sum(a * b for a, b in zip(w, s_pos)), rel=1e-5)
+    assert out[0, 0, 1].item() == pytest.approx(5 * sum(a * b for a, b in zip(w, s_neg)), rel=1e-5)
+
+
+def test_baseline_head_by_hand():
+    clip = _small_clip(embed_dim=2)
+    head = build_head("baseline", clip, ["a"])  # C = 1 -> 2 channels: presence, absence
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -1.0]]))
+        head.proj.bias.copy_(torch.tensor([0.5, 0.0]))
+    feats = [[1.0, 2.0], [-1.0, 0.5]]
+    out = head(torch.tensor([feats]))
+    a_pos = [f[0] + 0.5 for f in feats]
+    a_neg = [-f[1] for f in feats]
+    def agg(a):
+        return 5 * sum(math.exp(x) * x for x in a) / sum(math.exp(x) for x in a)
+    assert out.shape == (1, 1, 2)
+    assert out[0, 0, 0].item() == pytest.approx(agg(a_pos), rel=1e-6)
+    assert out[0, 0, 1].item() == pytest.approx(agg(a_neg), rel=1e-6)
+
+
+def test_prompts_equal_plain_text_when_context_is_placeholder_tokens():
+    """With every learned vector set to the embedding of "x", a prompt is the text "X X ... X name."."""
+    clip = _small_clip()
+    names = ["cat", "dining table"]
+    head = build_head("dual", clip, names, n_ctx=4)
+    x_id = tokenize("x")[0, 1]
+    with torch.no_grad():
+        head.presence_prompts.ctx.copy_(clip.token_embedding.weight[x_id].expand(2, 4, -1))
+        expected = clip.encode_text(tokenize([f"X X X X {n}." for n in names]), truncate=False)
+        got = head.presence_prompts(clip)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["baseline", "dual", "positive", "negative"])
+def test_head_shapes_and_gradients_reach_only_the_head(name):
+    clip = _small_clip()
+    head = build_head(name, clip, ["a", "b", "c"], n_ctx=2)
+    feats = torch.randn(4, 1 + 2 * 2, clip.embed_dim)
+    logits = head(feats)
+    assert logits.shape == (4, 3, 2)
+    asymmetric_loss(logits, torch.tensor([[1, 0, -1]] * 4)).backward()
+    assert all(p.grad is None for p in clip.parameters())
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    assert count_trainable(head) == sum(p.numel() for p in trainable)
+    assert not any(k.startswith(("visual", "transformer", "token_embedding")) for k in head.state_dict())
+
+
+@pytest.mark.parametrize("n_classes,counts", [
+    (20, {"baseline": 20_520, "positive": 184_320, "dual": 327_680, "negative": 184_320}),
+    (80, {"baseline": 82_080, "positive": 737_280, "dual": 1_310_720, "negative": 737_280}),
+])
+def test_trainable_parameter_counts_match_the_paper(n_classes, counts):
+    clip = _small_clip(embed_dim=512, text_width=512)  # RN101's text width and embedding dim
+    for name, expected in counts.items():
+        assert count_trainable(build_head(name, clip, [f"class {i}" for i in range(n_classes)])) == expected
+
+
+def test_shared_context_and_parameter_groups():
+    clip = _small_clip()
+    head = build_head("positive", clip, ["a", "b"], n_ctx=3, class_specific=False)
+    assert head.presence_prompts.ctx.shape == (3, 64)
+    groups = {g["name"]: (g["lr"], sum(p.numel() for p in g["params"])) for g in parameter_groups(head, 0.1, 2.0, 0.3)}
+    assert groups == {"prompt": (0.1, 3 * 64), "embedding": (2.0, 2 * 2 * clip.embed_dim)}
+    with pytest.raises(ValueError, match="unknown head 'pos'"):
+        build_head("pos", clip, ["a"])
+
+
+def _asl_by_hand(logits, targets, gp=1.0, gn=2.0, clip=0.05, eps=1e-6):
+    total = 0.0
+    for (l0, l1), y in zip(logits, targets):
+        p = 1 / (1 + math.exp(l1 - l0))
+        if y == 1:
+            total += -((1 - p) ** gp) * math.log(max(p, eps))
+        elif y == 0:
+            qc = min(1 - p + clip, 1.0)
+            total += -((1 - qc) ** gn) * math.log(max(qc, eps))
+    return total
+
+
+def test_asymmetric_loss_against_the_formula():
+    logits = [(2.0, -1.0), (-0.5, 0.3), (0.1, 0.1), (60.0, -60.0), (-60.0, 60.0), (1.5, 3.0), (-40.0, 40.0)]
+    targets = [1, 0, -1, 1, 0, 1, 1]
+    got = asymmetric_loss(torch.tensor([logits]), torch.tensor([targets]))
+    assert torch.isfinite(got)
+    assert got.item() == pytest.approx(_asl_by_hand(logits, targets), rel=1e-5)
+    # an extreme entry gives finite gradients
+    x = torch.tensor([[[60.0, -60.0], [-60.0, 60.0]]], requires_grad=True)
+    asymmetric_loss(x, torch.tensor([[0, 1]])).backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_asymmetric_loss_ignores_unknown_labels():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 2, requires_grad=True)
+    targets = torch.randint(0, 2, (5, 4))
+    known = asymmetric_loss(logits, targets)
+    partial = targets.clone()
+    partial[0] = -1
+    rest = asymmetric_loss(logits[1:], targets[1:])
+    assert asymmetric_loss(logits, partial).item() == pytest.approx(rest.item(), rel=1e-6)
+    assert asymmetric_loss(logits, torch.full_like(targets, -1)).item() == 0.0
+    asymmetric_loss(logits, partial).backward()
+    assert logits.grad[0].abs().sum() == 0 and known.item() > rest.item()
+
+
+def test_asymmetric_loss_focusing_weight_has_no_gradient():
+    """d/dl of −(1−p)·log p with (1−p) held constant is −(1−p)·(1−p) for the presence logit."""
+    x = torch.tensor([[[0.7, -0.2]]], requires_grad=True)
+    asymmetric_loss(x, torch.tensor([[1]])).backward()
+    p = 1 / (1 + math.exp(-0.9))
+    assert x.grad[0, 0, 0].item() == pytest.approx(-(1 - p) * (1 - p), rel=1e-5)
+
+
+def test_map_hand_made_cases():
+    y = np.array([[1], [0], [1], [0]])
+    assert mean_average_precision(np.array([[4.0], [1.0], [3.0], [2.0]]), y) == pytest.approx(100.0)
+    # reversed ranking: positives at ranks 3 and 4 -> (1/3 + 2/4) / 2
+    assert mean_average_precision(np.array([[1.0], [4.0], [2.0], [3.0]]), y) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
+    # one positive at rank 2
+    assert mean_average_precision(np.array([[0.5], [0.9], [0.1]]), np.array([[1], [0], [0]])) == pytest.approx(50.0)
+    # an unknown label ranked first is ignored
+    assert mean_average_precision(np.array([[0.9], [0.5], [0.1]]), np.array([[-1], [1], [0]])) == pytest.approx(100.0)
+    # a class without a positive is left out of the mean, and has AP NaN
+    scores = torch.tensor([[0.9, 0.2], [0.1, 0.8]])
+    targets = torch.tensor([[1, 0], [0, 0]])
+    ap = average_precision(scores, targets)
+    assert ap[0] == 1.0 and np.isnan(ap[1])
+    assert mean_average_precision(scores, targets) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="no class has a positive"):
+        mean_average_precision(scores, torch.zeros(2, 2))
+
+
+def test_map_equals_brute_force():
+    rng = np.random.default_rng(0)
+    scores = rng.random((60, 7))
+    targets = rng.integers(-1, 2, (60, 7))
+    expected = []
+    for c in range(7):
+        known = [(s, t) for s, t in zip(scores[:, c], targets[:, c]) if t >= 0]
+        precisions = []
+        for s, t in known:
+            if t == 1:
+                above = [u for v, u in known if v >= s]
+                precisions.append(sum(u == 1 for u in above) / len(above))
+        expected.append(sum(precisions) / len(precisions))
+    np.testing.assert_allclose(average_precision(scores, targets), expected, rtol=1e-12)
+    assert mean_average_precision(scores, targets) == pytest.approx(100 * np.mean(expected))
+
+
+def test_map_is_fast_on_coco_sized_input():
+    scores = torch.rand(40_504, 80)
+    targets = (torch.rand(40_504, 80) < 0.05).long()
+    assert 0 < mean_average_precision(scores, targets) < 100  # timing is measured in bench.py, not here
+
+
+def test_mask_labels_fraction_determinism_and_errors():
+    targets = torch.randint(0, 2, (500, 40))
+    mask = mask_labels(targets, 0.3, seed=1)
+    kept = (mask >= 0).float().mean().item()
+    n = targets.numel()
+    assert abs(kept - 0.3) < 4 * math.sqrt(0.3 * 0.7 / n)  # within 4 binomial standard deviations
+    assert torch.equal(mask[mask >= 0], targets[mask >= 0])  # kept labels are unchanged
+    assert torch.equal(mask, mask_labels(targets, 0.3, seed=1))
+    assert not torch.equal(mask, mask_labels(targets, 0.3, seed=2))
+    assert torch.equal(mask_labels(targets, 1.0, seed=1), targets)
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=str(bad)):
+            mask_labels(targets, bad, seed=0)
+
+
+CLIP_DIR = os.path.dirname(os.path.abspath(clip.__file__))
+VOCAB_FILE = os.path.join(CLIP_DIR, "bpe_simple_vocab_16e6.txt.gz")
+SOT, EOT = 49406, 49407
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers: a miniature CLIP with random weights, and OpenAI's checkpoint formats
+
+def _tiny_clip(seed=0, heads=1):
+    """A miniature CLIP (2x2 grid at 64 px, 4 attention-pool heads, 2 text layers; layer1 has a second block,
+    without shortcut conv) with every weight random.
+
+    OpenAI's initialisation zeroes bn3 and the biases, which would hide mistakes: randomise them too.
+    """
+    torch.manual_seed(seed)
+    model = CLIP(embed_dim=64, image_resolution=64, vision_layers=[2, 1, 1, 1], vision_width=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=heads,
+                 transformer_layers=2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+            elif isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.05)
+            elif isinstance(m, nn.MultiheadAttention):
+                m.in_proj_bias.normal_(0, 0.05)
+        model.logit_scale.fill_(math.log(20.0))
+    # frozen, as `load` returns it: PyTorch picks its matmul kernels partly on requires_grad, so a frozen and
+    # an unfrozen copy of the same weights can differ in the last bit
+    return model.requires_grad_(False).eval()
+
+
+def _to_fp16_like_openai(model):
+    """In place, what openai/CLIP's `convert_weights` does: conv/linear/attention weights and
+    text_projection to fp16, everything else (norms, embeddings, logit_scale) left in fp32."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.weight.data = m.weight.data.half()
+            if m.bias is not None:
+                m.bias.data = m.bias.data.half()
+        if isinstance(m, nn.MultiheadAttention):
+            m.in_proj_weight.data = m.in_proj_weight.data.half()
+            m.in_proj_bias.data = m.in_proj_bias.data.half()
+    model.text_projection.data = model.text_projection.data.half()
+    return model
+
+
+class _TorchScriptCLIP(nn.Module):
+    """Holds a CLIP's modules and parameters under OpenAI's key names, plus the three int buffers that
+    OpenAI's archives carry; traced with a trivial forward, since only the state dict matters here."""
+
+    def __init__(self, model):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, param in model.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self.register_buffer("input_resolution", torch.tensor(model.visual.input_resolution))
+        self.register_buffer("context_length", torch.tensor(model.context_length))
+        self.register_buffer("vocab_size", torch.tensor(model.vocab_size))
+
+    def forward(self, x):
+        return x * self.logit_scale.exp()
+
+
+def _save_torchscript(model, path, precision):
+    """Saves `model` as OpenAI does: a TorchScript archive with fp16 weights ("openai": as their
+    convert_weights; "half": every floating tensor in fp16). Returns the model those weights define."""
+    half = copy.deepcopy(model)
+    half = _to_fp16_like_openai(half) if precision == "openai" else half.half()
+    wrapper = _TorchScriptCLIP(half)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, torch.ones(2, dtype=half.logit_scale.dtype))
+    torch.jit.save(traced, str(path))
+    return half.float().eval()  # the in-memory model after rounding its weights to fp16 and back
+
+
+def _inputs(seed=1, size=64):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, size, size, generator=g)
+    text = tokenize(["a photo of a cat", "a diagram"])
+    return images, text
+
+
+def _outputs(model, images, text):
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_dense(images), model.encode_text(text)
+
+
+def _assert_identical(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert torch.equal(g, w), (g - w).abs().max()
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny, tmp_path_factory):
+    """The miniature CLIP saved as an OpenAI TorchScript archive and as a plain state dict."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    archive = folder / "tiny_jit.pt"
+    rounded = _save_torchscript(tiny, archive, "openai")
+    plain = folder / "tiny_state_dict.pt"
+    torch.save(tiny.state_dict(), plain)
+    return {"archive": archive, "rounded": rounded, "plain": plain}
+
+
+# hand-written references, computed from the model's modules/weights with plain torch ops
+
+def _bn(x, bn):
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
+def _bottleneck(x, block, stride, first):
+    """openai/CLIP's Bottleneck with plain ops: 1x1, 3x3, (avg pool if strided), 1x1; the shortcut of a
+    stage's first block is avg pool, 1x1 conv, BN (keys downsample.0 / downsample.1)."""
+    out = F.relu(_bn(F.conv2d(x, block.conv1.weight), block.bn1))
+    out = F.relu(_bn(F.conv2d(out, block.conv2.weight, padding=1), block.bn2))
+    if stride > 1:
+        out = F.avg_pool2d(out, stride)
+    out = _bn(F.conv2d(out, block.conv3.weight), block.bn3)
+    assert (block.downsample is not None) == first
+    identity = x
+    if first:
+        shortcut = dict(block.downsample.named_children())
+        identity = F.avg_pool2d(x, stride) if stride > 1 else x
+        identity = _bn(F.conv2d(identity, shortcut["0"].weight), shortcut["1"])
+    return F.relu(out + identity)
+
+
+def _layer4_map(visual, images):
+    """(B, 3, S, S) -> (B, 32*width, S/32, S/32) with plain ops on the model's weights: the 3-conv stem
+    (3x3 convs, the first with stride 2), a 2x2 average pool, then stages of strides 1, 2, 2, 2."""
+    x = F.relu(_bn(F.conv2d(images, visual.conv1.weight, stride=2, padding=1), visual.bn1))
+    x = F.relu(_bn(F.conv2d(x, visual.conv2.weight, padding=1), visual.bn2))
+    x = F.relu(_bn(F.conv2d(x, visual.conv3.weight, padding=1), visual.bn3))
+    x = F.avg_pool2d(x, 2)
+    for stage, stride in ((visual.layer1, 1), (visual.layer2, 2), (visual.layer3, 2), (visual.layer4, 2)):
+        for i, block in enumerate(stage):
+            x = _bottleneck(x, block, stride if i == 0 else 1, first=i == 0)
+    return x
+
+
+def _positions(pool, h, w):
+    """The attention pool's positional embedding for an h x w grid: the trained grid resized bicubically."""
+    pos = pool.positional_embedding
+    side = int(math.isqrt(pos.shape[0] - 1))
+    if (h, w) == (side, side):
+        return pos
+    c = pos.shape[1]
+    grid = pos[1:].reshape(side, side, c).permute(2, 0, 1).unsqueeze(0)  # (1, C, side, side)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid[0].reshape(c, h * w).t()], dim=0)  # (1+hw, C)
+
+
+def _attention_pool_openai(pool, fmap):
+    """openai/CLIP's AttentionPool2d.forward, verbatim in substance: sequence-first multi-head attention."""
+    x = fmap.flatten(start_dim=2).permute(2, 0, 1)  # (HW, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :]
+    out, _ = F.multi_head_attention_forward(
+        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=pool.c_proj.weight,
+        out_proj_bias=pool.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+    return out[0]
+
+
+def _attention_pool_manual(pool, fmap):
+    """The same with an explicit softmax: the mean token queries every token, per head (any grid size)."""
+    b, c, h, w = fmap.shape
+    heads, d = pool.num_heads, c // pool.num_heads
+    x = fmap.reshape(b, c, h * w).transpose(1, 2)
+    x = torch.cat([x.mean(1, keepdim=True), x], 1) + _positions(pool, h, w)  # (B, L, C)
+    q = F.linear(x[:, 0], pool.q_proj.weight, pool.q_proj.bias).reshape(b, heads, 1, d)
+    k = F.linear(x, pool.k_proj.weight, pool.k_proj.bias).reshape(b, -1, heads, d).transpose(1, 2)
+    v = F.linear(x, pool.v_proj.weight, pool.v_proj.bias).reshape(b, -1, heads, d).transpose(1, 2)
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # (B, heads, 1, L)
+    out = (attn @ v).reshape(b, c)
+    return F.linear(out, pool.c_proj.weight, pool.c_proj.bias)
+
+
+def _text_manual(model, text):
+    """The text tower by hand: embeddings, pre-LN causal blocks with QuickGELU, ln_final, EOT, projection."""
+    b, t = text.shape
+    x = model.token_embedding.weight[text] + model.positional_embedding[:t]
+    width = x.shape[-1]
+    mask = torch.full((t, t), float("-inf")).triu(1)
+    for block in model.transformer.resblocks:
+        heads = block.attn.num_heads
+        d = width // heads
+        h = F.layer_norm(x, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+        q, k, v = F.linear(h, block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, t, heads, d).transpose(1, 2) for z in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + mask, dim=-1) @ v
+        a = a.transpose(1, 2).reshape(b, t, width)
+        x = x + F.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
+        h = F.layer_norm(x, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+        h = F.linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+        h = h * torch.sigmoid(1.702 * h)
+        x = x + F.linear(h, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+    x = F.layer_norm(x, (width,), model.ln_final.weight, model.ln_final.bias, model.ln_final.eps)
+    eot = (text == EOT).int().argmax(dim=1)  # the first EOT of each row
+    return x[torch.arange(b), eot] @ model.text_projection
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints in OpenAI's formats
+
+@pytest.mark.parametrize("precision", ["openai", "half"])
+def test_load_torchscript_fp16_archive(tiny, tmp_path, precision):
+    path = tmp_path / "tiny.pt"
+    rounded = _save_torchscript(tiny, path, precision)
+    state_dict = clip.read_state_dict(str(path))
+    assert state_dict["visual.conv1.weight"].dtype == torch.float16
+    assert state_dict["transformer.resblocks.0.attn.in_proj_weight"].dtype == torch.float16
+    assert state_dict["text_projection"].dtype == torch.float16
+    assert int(state_dict["input_resolution"]) == 64
+    assert int(state_dict["context_length"]) == 77
+    assert int(state_dict["vocab_size"]) == 49408
+
+    model, sha = clip.load(str(path))
+    assert sha == _sha256(path)
+    assert not model.training
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+    # the fp16 weights, widened back, are exactly the in-memory model's weights rounded to fp16
+    assert not torch.equal(rounded.visual.conv1.weight, tiny.visual.conv1.weight)
+    assert torch.equal(model.visual.conv1.weight, tiny.visual.conv1.weight.half().float())
+    images, text = _inputs()
+    _assert_identical(_outputs(model, images, text), _outputs(rounded, images, text))
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_load_plain_state_dict(tiny, tmp_path, wrapped):
+    path = tmp_path / "tiny.pth"
+    state_dict = tiny.state_dict()
+    torch.save({"state_dict": state_dict} if wrapped else state_dict, path)
+    model, sha = clip.load(str(path))
+    assert sha == _sha256(path)
+    assert all(not p.requires_grad for p in model.parameters())
+    images, text = _inputs()
+    _assert_identical(_outputs(model, images, text), _outputs(tiny, images, text))
+    assert torch.equal(model.logit_scale, tiny.logit_scale)
+
+
+def test_clip_build_model_infers_the_architecture(checkpoints):
+    state_dict = clip.read_state_dict(str(checkpoints["archive"]))
+    model = build_model(state_dict)
+    ref = checkpoints["rounded"]
+    assert model.visual.input_resolution == 64
+    assert model.context_length == 77 and model.vocab_size == 49408
+    assert model.embed_dim == 64
+    assert [len(s) for s in (model.visual.layer1, model.visual.layer2, model.visual.layer3,
+                             model.visual.layer4)] == [2, 1, 1, 1]
+    assert model.visual.attnpool.num_heads == 8 * 32 // 64
+    assert model.transformer.resblocks[0].attn.num_heads == 1
+    assert len(model.transformer.resblocks) == 2
+    got = model.state_dict()
+    assert set(got) == set(ref.state_dict())  # the 3 extra keys are dropped
+    for key, value in ref.state_dict().items():
+        assert torch.equal(got[key], value), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# architecture: the full RN101 (and RN50's parameter count)
+
+def _rn(layers, embed_dim, width=64, resolution=224, text_width=512):
+    return CLIP(embed_dim=embed_dim, image_resolution=resolution, vision_layers=layers, vision_width=width,
+                context_length=77, vocab_size=49408, transformer_width=text_width,
+                transformer_heads=text_width // 64, transformer_layers=12)
+
+
+def _count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_clip_parameter_counts_match_openai():
+    with torch.device("meta"):  # shapes only, no memory
+        rn50 = _rn([3, 4, 6, 3], 1024)
+        rn101 = _rn([3, 4, 23, 3], 512)
+    # OpenAI's "Interacting with CLIP" notebook prints "Model parameters: 102,007,137" for RN50
+    assert _count(rn50) == 102_007_137
+    # open_clip docs/model_profile.csv: RN101 119.69M parameters in all, 56.26M in the image tower
+    assert round(_count(rn101) / 1e6, 2) == 119.69
+    assert round(_count(rn101.visual) / 1e6, 2) == 56.26
+
+
+def test_clip_rn101_shapes_and_rebuild():
+    torch.manual_seed(0)
+    model = _rn([3, 4, 23, 3], 512).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        image224 = torch.randn(1, 3, 224, 224, generator=g)
+        image448 = torch.randn(1, 3, 448, 448, generator=g)
+        assert model.encode_image(image224).shape == (1, 512)
+        assert model.encode_dense(image224).shape == (1, 1 + 7 * 7, 512)
+        dense448 = model.encode_dense(image448)
+        assert dense448.shape == (1, 1 + 14 * 14, 512)
+        assert torch.isfinite(dense448).all()
+        text = model.encode_text(tokenize("a photo of a cat"))
+        assert text.shape == (1, 512)
+
+        state_dict = model.state_dict()
+        rebuilt = build_model(state_dict)  # loads strictly
+        assert _count(rebuilt) == _count(model)
+        assert [len(s) for s in (rebuilt.visual.layer1, rebuilt.visual.layer2, rebuilt.visual.layer3,
+                                 rebuilt.visual.layer4)] == [3, 4, 23, 3]
+        assert rebuilt.visual.conv3.out_channels == 64
+        assert rebuilt.visual.input_resolution == 224
+        assert rebuilt.visual.attnpool.num_heads == 32
+        assert rebuilt.embed_dim == 512 and rebuilt.context_length == 77 and rebuilt.vocab_size == 49408
+        assert rebuilt.transformer.resblocks[0].attn.num_heads == 8
+        assert len(rebuilt.transformer.resblocks) == 12
+        rebuilt_state = rebuilt.state_dict()
+        assert list(rebuilt_state) == list(state_dict)
+        assert all(torch.equal(rebuilt_state[k], v) for k, v in state_dict.items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# image and text features against hand computations
+
+@pytest.mark.parametrize("size", [(64, 64), (128, 128), (96, 96), (64, 128)])
+def test_clip_encode_dense_matches_direct_computation(tiny, size):
+    visual, pool = tiny.visual, tiny.visual.attnpool
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = tiny.encode_dense(images)
+        fmap = _layer4_map(visual, images)  # (B, 256, h, w)
+        b, c, h, w = fmap.shape
+        assert (h, w) == (size[0] // 32, size[1] // 32)
+        assert dense.shape == (b, 1 + h * w, 64)
+        pos = _positions(pool, h, w)
+
+        def project(x):
+            return F.linear(F.linear(x, pool.v_proj.weight, pool.v_proj.bias), pool.c_proj.weight, pool.c_proj.bias)
+
+        torch.testing.assert_close(dense[:, 0], project(fmap.mean(dim=(2, 3)) + pos[0]), rtol=1e-5, atol=1e-5)
+        for i in range(h):
+            for j in range(w):
+                want = project(fmap[:, :, i, j] + pos[1 + i * w + j])
+                torch.testing.assert_close(dense[:, 1 + i * w + j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_encode_dense_grid_of_one(tiny):
+    """At 32 px the grid is 1x1. Bicubic (a = -0.75, align_corners=False) from 2x2 to 1x1 samples the centre:
+    taps at -1.5, -0.5, 0.5, 1.5 weigh -0.09375, 0.59375, 0.59375, -0.09375 and the border is replicated,
+    so each of the 2x2 positions gets weight 1/2 * 1/2: the single position is the mean of the four."""
+    pool = tiny.visual.attnpool
+    images, _ = _inputs(size=32)
+    with torch.no_grad():
+        dense = tiny.encode_dense(images)
+        fmap = _layer4_map(tiny.visual, images)[:, :, 0, 0]  # (B, 256)
+
+        def project(x):
+            return F.linear(F.linear(x, pool.v_proj.weight, pool.v_proj.bias), pool.c_proj.weight, pool.c_proj.bias)
+
+        want_mean = project(fmap + pool.positional_embedding[0])
+        want_cell = project(fmap + pool.positional_embedding[1:].mean(0))
+    assert dense.shape == (2, 2, 64)
+    torch.testing.assert_close(dense[:, 0], want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense[:, 1], want_cell, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_encode_image_matches_attention_pool_by_hand(tiny):
+    images, _ = _inputs()
+    with torch.no_grad():
+        got = tiny.encode_image(images)
+        fmap = _layer4_map(tiny.visual, images)
+        openai = _attention_pool_openai(tiny.visual.attnpool, fmap)
+        manual = _attention_pool_manual(tiny.visual.attnpool, fmap)
+    assert got.shape == (2, 64)
+    torch.testing.assert_close(openai, manual, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, openai, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_encode_image_larger_input(tiny):
+    images, _ = _inputs(size=128)  # a 4x4 grid: the positional embedding is resized
+    with torch.no_grad():
+        got = tiny.encode_image(images)
+        want = _attention_pool_manual(tiny.visual.attnpool, _layer4_map(tiny.visual, images))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_clip_encode_text_matches_transformer_by_hand(heads):
+    model = _tiny_clip(seed=3, heads=heads)
+    text = tokenize(["a photo of a cat", "a diagram", "a dog on a beach, at sunset"])
+    with torch.no_grad():
+        want = _text_manual(model, text)
+        got = model.encode_text(text)
+    assert got.shape == (3, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_encode_text_truncation_is_exact(tiny):
+    text = tokenize(["a photo of a cat", "a diagram", "the quick brown fox jumps over the lazy dog " * 3])
+    with torch.no_grad():
+        short = tiny.encode_text(text, truncate=True)
+        full = tiny.encode_text(text, truncate=False)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+
+def test_clip_forward_logits_by_hand(tiny):
+    images, text = _inputs()
+    with torch.no_grad():
+        per_image, per_text = tiny(images, text)
+        img = _attention_pool_manual(tiny.visual.attnpool, _layer4_map(tiny.visual, images))
+        txt = _text_manual(tiny, text)
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    want = 20.0 * img @ txt.t()  # logit_scale = log 20
+    torch.testing.assert_close(per_image, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(per_text, want.t(), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer
+
+# ids published for OpenAI's tokenizer (its README / notebooks, the transformers and other ports' tests)
+KNOWN_IDS = [
+    ("a photo of a cat", [320, 1125, 539, 320, 2368]),
+    ("a diagram", [320, 22697]),
+    ("a dog", [320, 1929]),
+    ("a cat", [320, 2368]),
+    ("a photo of a waterfall", [320, 1125, 539, 320, 16403]),
+    ("dog on a beach", [1929, 525, 320, 2117]),
+    ("a painting of a cat", [320, 3086, 539, 320, 2368]),
+    ("Hello world!", [3306, 1002, 256]),
+    ("bozuman", [647, 4091, 786]),
+    ("a dog barking outside", [320, 1929, 32676, 2782]),
+    ("caf\u00e9", [15304]),
+    ("cafe\u0301", [15304]),  # ftfy's NFC normalisation composes the accent
+    ("a & amp ; b", [320, 261, 6259, 282, 321]),
+    ("", []),
+]
+
+
+@pytest.mark.parametrize("text,ids", KNOWN_IDS)
+def test_tokenize_known_ids(text, ids):
+    tokens = tokenize(text)
+    assert tokens.shape == (1, 77) and tokens.dtype == torch.long
+    n = len(ids) + 2
+    assert tokens[0, :n].tolist() == [SOT] + ids + [EOT]
+    assert not tokens[0, n:].any()
+
+
+def test_tokenize_ids_follow_the_vocabulary_file():
+    with gzip.open(VOCAB_FILE, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert lines[0].startswith('"bpe_simple_vocab_16e6.txt#version')
+    merges = lines[1:48895]
+    assert 512 + len(merges) == SOT  # 256 bytes, 256 bytes + "</w>", one symbol per merge, then the specials
+
+    def ids(text):
+        row = tokenize(text)[0].tolist()
+        return row[1:row.index(EOT)]
+
+    # single printable ASCII characters: byte b is symbol b - 33 ("!" first), + 256 for the "</w>" form
+    for ch in "!a0z~":
+        assert ids(ch) == [256 + ord(ch) - ord("!")]
+    # a whole word is one symbol: the merge (line id - 512 of the merges) that forms "word</w>"
+    for word in ["photo", "cat", "dog", "diagram", "hello", "world", "person", "bicycle"]:
+        [i] = ids(word)
+        assert "".join(merges[i - 512].split()) == word + "</w>", word
+    # a word piece not at the end of a word has no "</w>": "bozuman" = "bo" + "zu" + "man</w>"
+    pieces = [merges[i - 512].replace(" ", "") for i in ids("bozuman")]
+    assert pieces == ["bo", "zu", "man</w>"]
+
+
+def test_tokenize_cleaning():
+    def same(a, b):
+        assert torch.equal(tokenize(a), tokenize(b)), (a, b)
+
+    same("a &amp; b", "a & b")  # HTML entities
+    same("a &amp;amp; b", "a & b")
+    same("a &amp;amp;amp; b", "a & b")  # ftfy unescapes once, then html.unescape twice, as OpenAI's
+    same("a &amp;amp;amp;amp; b", "a &amp; b")
+    assert tokenize("a &amp; b")[0, :5].tolist() == [SOT, 320, 261, 321, EOT]  # "&</w>" = 256 + 38 - 33
+    same("caf\u00c3\u00a9", "caf\u00e9")  # UTF-8 read as Latin-1 (mojibake), repaired by ftfy
+    same("doesn\u00e2\u20ac\u2122t", "doesn't")  # mojibake of a curly apostrophe, repaired and uncurled
+    same("  A   Photo\n\tOF a CAT  ", "a photo of a cat")  # whitespace collapsed, lower case
+    same("A PHOTO OF A CAT", "a photo of a cat")
+
+
+def test_tokenize_batch_and_padding():
+    tokens = tokenize(["a dog", "a photo of a cat"], context_length=10)
+    assert tokens.shape == (2, 10) and tokens.dtype == torch.long
+    assert tokens.tolist() == [[SOT, 320, 1929, EOT, 0, 0, 0, 0, 0, 0],
+                               [SOT, 320, 1125, 539, 320, 2368, EOT, 0, 0, 0]]
+
+
+def test_tokenize_truncation():
+    fits = "cat " * 75  # 75 + 2 = 77 tokens: fits exactly
+    row = tokenize(fits)[0]
+    assert row[0] == SOT and row[-1] == EOT and (row[1:-1] == 2368).all()
+
+    too_long = "cat " * 76
+    with pytest.raises(ValueError, match="cat cat cat"):
+        tokenize(too_long)
+    with pytest.raises(ValueError, match="cat cat cat"):
+        tokenize(["a dog", too_long])
+    row = tokenize(too_long, truncate=True)[0]
+    assert row.shape == (77,)
+    assert row[0] == SOT and row[-1] == EOT and (row[1:-1] == 2368).all()
+    rows = tokenize(["a dog", "the " * 200], truncate=True)
+    assert rows.shape == (2, 77) and rows[1, -1] == EOT and rows[0, :4].tolist() == [SOT, 320, 1929, EOT]
+
+
+def test_tokenize_vocabulary_file_is_openais():
+    assert os.path.getsize(VOCAB_FILE) == 1_356_917
+    assert _sha256(VOCAB_FILE) == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# download, against a local HTTP server
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves server.routes[path] = (body, declared Content-Length), then closes the connection."""
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        if self.path not in self.server.routes:
+            self.send_error(404)
+            return
+        body, declared = self.server.routes[self.path]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(declared))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.routes, srv.requests = {}, []
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def served(server, checkpoints, monkeypatch):
+    """The miniature archive served at /tiny.pt and registered as model "tiny" with its sha256."""
+    body = checkpoints["archive"].read_bytes()
+    server.routes["/tiny.pt"] = (body, len(body))
+    monkeypatch.setitem(MODELS, "tiny", hashlib.sha256(body).hexdigest())
+    return server, body, server.url + "/tiny.pt"
+
+
+def test_download_url_of_openai_models():
+    assert {"RN50", "RN101"} <= set(clip.available_models())
+    assert MODELS["RN101"] == "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599"
+    assert MODELS["RN50"] == "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762"
+    assert model_url("RN101") == ("https://openaipublic.azureedge.net/clip/models/"
+                                  "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt")
+
+
+def test_download_and_load_by_name(served, checkpoints, tmp_path):
+    server, body, url = served
+    root = tmp_path / "weights"
+    model, sha = clip.load("tiny", root=str(root), url=url)
+    assert server.requests == ["/tiny.pt"]
+    assert sha == hashlib.sha256(body).hexdigest()
+    assert sorted(os.listdir(root)) == ["tiny.pt"]  # no partial file left beside it
+    assert (root / "tiny.pt").read_bytes() == body
+    images, text = _inputs()
+    _assert_identical(_outputs(model, images, text), _outputs(checkpoints["rounded"], images, text))
+    # a verified file is used as it is, without a request
+    assert clip.download("tiny", str(root), url=url, progress=False) == os.path.join(str(root), "tiny.pt")
+    assert server.requests == ["/tiny.pt"]
+
+
+def test_download_sha256_mismatch(served, tmp_path, monkeypatch):
+    server, body, url = served
+    wrong = hashlib.sha256(b"some other file").hexdigest()
+    monkeypatch.setitem(MODELS, "tiny", wrong)
+    root = tmp_path / "weights"
+    with pytest.raises(RuntimeError) as e:
+        clip.download("tiny", str(root), url=url, progress=False)
+    assert wrong in str(e.value) and url in str(e.value)
+    assert server.requests == ["/tiny.pt"]
+    assert not (root / "tiny.pt").exists()
+    assert os.listdir(root) == []
+
+
+def test_download_truncated_transfer(served, tmp_path):
+    server, body, url = served
+    server.routes["/tiny.pt"] = (body[: len(body) // 2], len(body))  # promises more than it sends, closes
+    root = tmp_path / "weights"
+    with pytest.raises(RuntimeError) as e:
+        clip.download("tiny", str(root), url=url, progress=False)
+    assert url in str(e.value)
+    assert server.requests == ["/tiny.pt"]
+    assert not (root / "tiny.pt").exists()
+    assert os.listdir(root) == []
+
+
+def test_download_server_unreachable(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a port that was free a moment ago and has nobody listening now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    sha = hashlib.sha256(b"unreachable").hexdigest()
+    monkeypatch.setitem(MODELS, "tiny", sha)
+    url = f"http://127.0.0.1:{port}/tiny.pt"
+    root = tmp_path / "weights"
+    with pytest.raises(RuntimeError) as e:
+        clip.load("tiny", root=str(root), url=url)
+    message = str(e.value)
+    assert url in message
+    assert sha in message
+    assert os.path.join(str(root), "tiny.pt") in message  # tmp_path is absolute
+    assert not (root / "tiny.pt").exists()
+
+
+def test_download_reply_that_is_not_http(tmp_path, monkeypatch):
+    """Something on the way (a captive portal, a broken proxy) answers with bytes that are not HTTP."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer():
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"garbage\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    sha = hashlib.sha256(b"garbage").hexdigest()
+    monkeypatch.setitem(MODELS, "tiny", sha)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/tiny.pt"
+    root = tmp_path / "weights"
+    try:
+        with pytest.raises(RuntimeError) as e:
+            clip.download("tiny", str(root), url=url, progress=False)
+    finally:
+        thread.join(5)
+        listener.close()
+    assert url in str(e.value) and sha in str(e.value)
+    assert os.listdir(root) == []
+
+
+def test_download_replaces_corrupt_file(served, tmp_path):
+    server, body, url = served
+    root = tmp_path / "weights"
+    root.mkdir()
+    (root / "tiny.pt").write_bytes(body[:1000])  # an earlier download cut short
+    path = clip.download("tiny", str(root), url=url, progress=False)
+    assert server.requests == ["/tiny.pt"]
+    assert path == os.path.join(str(root), "tiny.pt")
+    assert (root / "tiny.pt").read_bytes() == body
+    assert sorted(os.listdir(root)) == ["tiny.pt"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input
+
+def test_load_unknown_name():
+    with pytest.raises(ValueError) as e:
+        clip.load("RN102")
+    message = str(e.value)
+    assert "RN102" in message
+    assert all(name in message for name in ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"])
+
+
+def test_load_missing_path(tmp_path):
+    missing = tmp_path / "nowhere" / "clip.pt"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        clip.load(str(missing))
+
+
+@pytest.mark.parametrize("kind", ["archive", "plain"])
+def test_load_truncated_checkpoint(checkpoints, tmp_path, kind):
+    data = checkpoints[kind].read_bytes()
+    path = tmp_path / "half.pt"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError) as e:
+        clip.load(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_load_vit_checkpoint_is_refused(tiny, tmp_path):
+    state_dict = dict(tiny.state_dict())
+    state_dict["visual.class_embedding"] = torch.zeros(768)
+    state_dict["visual.proj"] = torch.zeros(768, 64)
+    with pytest.raises(ValueError, match="ViT"):
+        build_model(state_dict)
+    path = tmp_path / "vit.pt"
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match="ViT") as e:
+        clip.load(str(path))
+    assert str(path) in str(e.value)
+
+
+# ------------------------------------------------------------------ run.py end to end: demo, VOC, COCO, bad input
+
+
+
+ROOT = os.path.dirname(os.path.abspath(run.__file__))
+
+
+def _run_cli(*argv, cwd=ROOT, timeout=300):
+    """run.py in a subprocess: (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *argv], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _demo_chance(n_train, size):
+    """mAP of a random ranking ≈ the mean prevalence of the classes in the demo's test split."""
+    _, y = demo_split(max(1, n_train // 2), 0, size, offset=10**6)
+    return 100 * y.float().mean(0)[y.sum(0) > 0].mean().item()
+
+
+DEMO = ["--data", "demo", "--demo-images", "128", "--cache-views", "1", "--workers", "0"]
+
+
+@pytest.mark.parametrize("head", ["baseline", "dual", "positive", "negative"])
+def test_run_demo_end_to_end(head, tmp_path):
+    out = tmp_path / head
+    assert run.main(["--head", head, *DEMO, "--epochs", "20", "--labels", "0.5", "--out", str(out),
+                     "--cache-dir", str(tmp_path / "cache")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["head"] == head and results["data"] == "demo" and results["labels"] == 0.5
+    assert results["seed"] == 0 and results["clip"] == {"name": "random-tiny", "sha256": None}
+    assert set(results["per_class_ap"]) == {"circle", "square", "triangle", "cross", "ring", "bar"}
+    assert len(results["history"]) == 20 and results["history"][-1]["map"] == results["map"]
+    assert results["trainable_params"] == sum(v.numel() for v in torch.load(out / "head.pt").values())
+    assert results["train_seconds"] > 0
+    assert results["map"] > _demo_chance(128, 224) + 10, results["map"]
+    # the label mask used: the demo's labels masked with the seed, whatever the head
+    _, train_y = demo_split(128, 0, 224)
+    assert torch.equal(torch.load(out / "mask.pt"), mask_labels(train_y, 0.5, seed=0))
+
+
+def _tiny_checkpoint(path, resolution=64):
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, image_resolution=resolution, vision_layers=[1, 1, 1, 1], vision_width=8,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                 transformer_layers=1)
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def _jpeg(path, colour, size=(80, 60)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, colour).save(path, "JPEG")
+
+
+def _voc_xml(path, objects):
+    root = ET.Element("annotation")
+    ET.SubElement(root, "filename").text = os.path.basename(path).replace(".xml", ".jpg")
+    for name, difficult in objects:
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = name
+        ET.SubElement(obj, "difficult").text = str(difficult)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ET.ElementTree(root).write(path)
+
+
+VOC_TRAIN = {"000005": [("chair", 0), ("person", 1)], "000007": [("car", 0)], "000009": [("dog", 0), ("cat", 0)],
+             "000012": [("car", 0), ("car", 1)]}
+VOC_TEST = {"000001": [("dog", 0), ("person", 0)], "000002": [("train", 0)], "000004": [("car", 1), ("cat", 0)]}
+
+
+def _make_voc(root):
+    voc = os.path.join(root, "VOCdevkit", "VOC2007")
+    for split, items in (("trainval", VOC_TRAIN), ("test", VOC_TEST)):
+        for i, (name, objects) in enumerate(items.items()):
+            _jpeg(os.path.join(voc, "JPEGImages", f"{name}.jpg"), (40 * i, 90, 200 - 30 * i))
+            _voc_xml(os.path.join(voc, "Annotations", f"{name}.xml"), objects)
+        os.makedirs(os.path.join(voc, "ImageSets", "Main"), exist_ok=True)
+        with open(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+            f.write("\n".join(items) + "\n")
+    return voc
+
+
+def test_voc_loader_reads_labels_and_difficult_objects(tmp_path):
+    _make_voc(tmp_path)
+    paths, labels, names = load_voc(str(tmp_path), "trainval")
+    assert names[14] == "person" and names[10] == "diningtable" and len(names) == 20
+    assert [os.path.basename(p) for p in paths] == ["000005.jpg", "000007.jpg", "000009.jpg", "000012.jpg"]
+    assert labels.shape == (4, 20)
+    assert labels[0].nonzero().flatten().tolist() == [8]  # chair; the difficult person counts as absent
+    assert labels[2].nonzero().flatten().tolist() == [7, 11]  # cat, dog
+    assert labels[3, 6] == 1  # a car that is also there as difficult stays present
+    _, unknown, _ = load_voc(str(tmp_path), "trainval", difficult="unknown")
+    assert unknown[0, 14] == -1 and unknown[0, 8] == 1 and unknown[3, 6] == 1
+    _, present, _ = load_voc(str(tmp_path), "trainval", difficult="present")
+    assert present[0, 14] == 1
+
+
+def _make_coco(root):
+    categories = [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+    for split, n in (("train2014", 5), ("val2014", 3)):
+        images = [{"id": 100 + i, "file_name": f"COCO_{split}_{i:012d}.jpg"} for i in range(n)]
+        for i, im in enumerate(images):
+            _jpeg(os.path.join(root, split, im["file_name"]), (50 * i, 100, 30))
+        # image 100+n-1 has no annotation and must be dropped
+        anns = [{"id": 1, "image_id": 100, "category_id": 1}, {"id": 2, "image_id": 100, "category_id": 18},
+                {"id": 3, "image_id": 101, "category_id": 3}, {"id": 4, "image_id": 101, "category_id": 3}]
+        anns += [{"id": 10 + i, "image_id": 100 + i, "category_id": 18} for i in range(2, n - 1)]
+        os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump({"images": images, "annotations": anns, "categories": categories}, f)
+
+
+def test_coco_loader_orders_categories_by_id_and_drops_empty_images(tmp_path):
+    _make_coco(str(tmp_path))
+    paths, labels, names = load_coco(str(tmp_path), "train2014")
+    assert names == ["person", "car", "dog"]
+    assert len(paths) == 4 and not any(p.endswith("000000000004.jpg") for p in paths)
+    assert labels.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("data", ["voc", "coco"])
+def test_run_one_epoch_on_a_tiny_dataset(data, tmp_path):
+    root = tmp_path / data
+    (_make_voc if data == "voc" else _make_coco)(str(root))
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    for cache in ("--no-cache-features", "--cache-features"):
+        argv = ["--head", "positive", "--data", data, "--data-root", str(root), "--clip", ckpt, "--image-size", "64",
+                "--epochs", "1", "--batch-size", "2", "--workers", "0", "--cache-views", "1", "--out", str(out / cache),
+                "--cache-dir", str(tmp_path / "cache")]
+        assert run.main(argv) == 0
+        results = json.loads((out / cache / "results.json").read_text())
+        assert results["clip"]["name"] == ckpt and len(results["clip"]["sha256"]) == 64
+        assert 0 <= results["map"] <= 100 and len(results["per_class_ap"]) == (20 if data == "voc" else 3)
+
+
+def test_bad_input_is_one_clear_message(tmp_path):
+    for argv, words in [(["--labels", "0"], ["--labels 0", "(0, 1]"]), (["--labels", "1.5"], ["1.5", "(0, 1]"]),
+                        (["--head", "best"], ["best", "baseline"]), (["--epochs", "0"], ["--epochs 0"]),
+                        (["--data", "voc", "--data-root", str(tmp_path / "nowhere")], ["nowhere", "--download"]),
+                        (["--data", "coco", "--data-root", str(tmp_path / "nowhere")], ["nowhere", "--download"]),
+                        (["--clip", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")], ["missing.pt"]),
+                        (["--clip", "RN102", "--out", str(tmp_path / "o2")], ["RN102", "RN101"])]:
+        code, out, err = _run_cli(*argv, "--workers", "0", cwd=str(tmp_path))
+        assert code == 2, (argv, out, err)
+        assert "Traceback" not in err, err
+        for w in words:
+            assert w in err, (w, err)
+
+
+def test_no_network_download_is_a_clear_error(tmp_path, monkeypatch):
+    """--download with no reachable server: one sentence naming the folder, no traceback."""
+    import clipmlr.data as data
+    monkeypatch.setitem(data.COCO_URLS, "zips/train2014.zip", "0" * 32)
+    monkeypatch.setattr(data, "download_and_extract_archive",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("[Errno -3] no network")))
+    with pytest.raises(DataError, match="could not download .*train2014.zip.*no network"):
+        data.download_coco(str(tmp_path))
+
+
+# ------------------------------------------------------------------ runs that survive: resume, bad files, torchrun
+
+
+
+ROOT = os.path.dirname(os.path.abspath(run.__file__))
+# in-loop encoding (no cache) so that an epoch takes long enough to be killed in the middle of
+SMALL = ["--head", "positive", "--data", "demo", "--demo-images", "48", "--image-size", "64", "--epochs", "6",
+         "--batch-size", "8", "--no-cache-features", "--augment", "--workers", "0", "--eval-every", "2"]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    # both runs in subprocesses, so that they compute with the same number of threads
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *SMALL, "--out", str(straight)], cwd=str(tmp_path),
+                   check=True, capture_output=True, timeout=300)
+    expected = json.loads((straight / "results.json").read_text())
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), *SMALL, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = out / "checkpoint.pt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    log = proc.communicate()[0]
+    assert ckpt.exists(), log
+    killed_at = torch.load(ckpt, weights_only=False)["epoch"]
+    assert 2 <= killed_at < 6, f"the run was not killed mid-way (checkpoint after epoch {killed_at})"
+    assert not (out / "results.json").exists()
+    assert run.main([*SMALL, "--out", str(out)]) == 2  # a new run into the same folder is refused ...
+    code, _, err = _run_cli(*SMALL, "--out", str(out), "--resume", cwd=str(tmp_path))  # ... resuming is not
+    assert code == 0, err
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["map"] == expected["map"]  # bit for bit: every epoch re-seeds from (seed, epoch)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in expected["history"]]
+    a, b = torch.load(out / "head.pt"), torch.load(straight / "head.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    argv = [*SMALL, "--epochs", "1", "--out", out]
+    assert run.main(argv) == 0
+    assert run.main(argv) == 2  # same folder without --resume
+    assert "--resume" in capsys.readouterr().err
+    for change, word in ((["--labels", "0.5"], "labels"), (["--seed", "3"], "seed"), (["--head", "dual"], "head")):
+        assert run.main([*argv, "--resume", *change]) == 2
+        err = capsys.readouterr().err
+        assert "different settings" in err and word in err, err
+    assert run.main([*SMALL, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "nan"
+    argv = [*SMALL, "--head", "baseline", "--epochs", "3", "--batch-size", "48", "--out", str(out)]
+    calls = []
+    real_loss = run.asymmetric_loss
+
+    def loss_that_explodes_in_epoch_2(logits, targets):  # one batch per epoch: call 2 is epoch 2
+        calls.append(1)
+        return real_loss(logits, targets) * (float("nan") if len(calls) >= 2 else 1.0)
+    monkeypatch.setattr(run, "asymmetric_loss", loss_that_explodes_in_epoch_2)
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan in epoch 2" in err and "checkpoint.pt" in err, err
+    assert not (out / "results.json").exists()
+    kept = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert kept["epoch"] == 1 and all(torch.isfinite(v).all() for v in kept["head"].values())
+
+
+def test_save_atomic_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "x.pt"
+    save_atomic({"a": 1}, str(path))
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_atomic({"a": Boom()}, str(path))
+    assert torch.load(path) == {"a": 1} and os.listdir(tmp_path) == ["x.pt"]
+
+
+def _voc_tree(root, xml, image_bytes=None):
+    voc = os.path.join(root, "VOCdevkit", "VOC2007")
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        os.makedirs(os.path.join(voc, d), exist_ok=True)
+    for split in ("trainval", "test"):
+        with open(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "w") as f:
+            f.write("000001\n")
+    with open(os.path.join(voc, "Annotations", "000001.xml"), "w") as f:
+        f.write(xml)
+    if image_bytes is not None:
+        with open(os.path.join(voc, "JPEGImages", "000001.jpg"), "wb") as f:
+            f.write(image_bytes)
+    return voc
+
+
+GOOD_XML = "<annotation><object><name>dog</name><difficult>0</difficult></object></annotation>"
+
+
+@pytest.mark.parametrize("xml,message", [
+    ("<annotation><object><name>dog</name>", "cannot read the annotation .*000001.xml"),
+    ("<annotation><object><difficult>0</difficult></object></annotation>", "000001.xml.*no <name>"),
+    ("<annotation><object><name>unicorn</name></object></annotation>", "000001.xml.*unknown class 'unicorn'"),
+    ("", "cannot read the annotation"),
+])
+def test_malformed_voc_annotations_are_named(tmp_path, xml, message):
+    _voc_tree(str(tmp_path), xml, b"")
+    with pytest.raises(DataError, match=message):
+        load_voc(str(tmp_path), "trainval")
+
+
+def test_missing_and_unreadable_images_are_named(tmp_path):
+    voc = _voc_tree(str(tmp_path), GOOD_XML)
+    with pytest.raises(DataError, match="missing, e.g. .*000001.jpg"):
+        load_voc(str(tmp_path), "trainval")
+    from io import BytesIO
+    from PIL import Image
+    buf = BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, "JPEG")
+    for content in (b"", buf.getvalue()[: len(buf.getvalue()) // 2], b"not an image at all"):
+        with open(os.path.join(voc, "JPEGImages", "000001.jpg"), "wb") as f:
+            f.write(content)
+        paths, labels, _ = load_voc(str(tmp_path), "trainval")
+        with pytest.raises(DataError, match="cannot read the image .*000001.jpg"):
+            ImageDataset(paths, labels, image_transform(64, False))[0]
+    # and through run.py: a clear message, exit code 2, no traceback in a worker
+    code = run.main(["--data", "voc", "--data-root", str(tmp_path), "--clip", _tiny(tmp_path), "--image-size", "64",
+                     "--epochs", "1", "--workers", "1", "--out", str(tmp_path / "o")])
+    assert code == 2
+
+
+def _tiny(tmp_path):
+    from clipmlr.clip.model import CLIP
+    torch.manual_seed(0)
+    m = CLIP(32, 64, [1, 1, 1, 1], 8, 77, 49408, 64, 1, 1)
+    torch.save(m.state_dict(), tmp_path / "tiny.pt")
+    return str(tmp_path / "tiny.pt")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not valid JSON"),
+    (json.dumps({"images": []}), "missing or malformed field"),
+    (json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "person"}],
+                 "annotations": [{"id": 7, "image_id": 1, "category_id": 99}]}), "category id 99"),
+    (json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "person"}],
+                 "annotations": [{"id": 7, "image_id": 5, "category_id": 1}]}), "names image 5"),
+])
+def test_malformed_coco_annotations_are_named(tmp_path, content, message):
+    os.makedirs(tmp_path / "annotations")
+    (tmp_path / "annotations" / "instances_train2014.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_coco(str(tmp_path), "train2014")
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    base = ["--head", "positive", "--data", "demo", "--demo-images", "64", "--epochs", "4", "--batch-size", "8",
+            "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert run.main([*base, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "run.py"), *base, "--out", str(tmp_path / "two")]
+    p = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=600)
+    finally:  # never leave workers behind, whatever happened
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert stdout.count("mAP") == 2  # printed by rank 0 only: the last epoch and the summary
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["processes"] == 2 and os.listdir(tmp_path / "two").count("results.json") == 1
+    # the same global batches (cached features, the same permutation): equal up to float summation order
+    assert abs(two["map"] - one["map"]) < 0.5, (one["map"], two["map"])
+    for a, b in zip(one["history"], two["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+SIZE, N = 64, 16
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(cache_features.__file__)))  # the repository root
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """(PIL images, (N, C) labels, miniature CLIP, (N, L, D) plain-view features from encode_dense directly)."""
+    images, labels = demo_split(N, seed=0, size=SIZE)  # generated once for the module
+    plain = image_transform(SIZE, train=False)
+    batch = torch.stack([plain(im) for im in images])  # (N, 3, S, S)
+    model = tiny_clip(batch, resolution=SIZE)
+    with torch.no_grad():
+        direct = model.encode_dense(batch)
+    return images, labels, model, direct
+
+
+def key_for(split="test", view="plain", sha="a" * 64, size=SIZE):
+    return {"clip": "test", "clip_sha256": sha, "data": "demo", "image_size": size, "data_root": "/nowhere",
+            "split": split, "view": view}
+
+
+def dataset(demo, train=False):
+    return ImageDataset(demo[0], demo[1], image_transform(SIZE, train=train))
+
+
+def count_calls(model):
+    """Wraps model.encode_dense in an instance attribute that counts its calls; returns the counter."""
+    calls = {"n": 0}
+    original = type(model).encode_dense.__get__(model)
+
+    def counted(images):
+        calls["n"] += 1
+        return original(images)
+    model.encode_dense = counted
+    return calls
+
+
+# ------------------------------------------------------------------------------------------- true-length prompts
+
+def test_prompts_at_true_length_equal_77_tokens():
+    torch.manual_seed(0)
+    model = tiny_clip(resolution=SIZE)
+    names = ["person", "traffic light", "hair drier", "cat"]
+    prompts = Prompts(model, names, n_ctx=4)
+    prompts.ctx.data.normal_(0, 0.5)  # far from the init, so a misplaced context vector would show
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    short = prompts(model)  # (C, D)
+    short.square().sum().backward()
+    grad_short = prompts.ctx.grad.clone()
+    # by hand: all 77 tokens of "X X X X <name>." with the context vectors written over the X's
+    ids = tokenize([f"X X X X {n}." for n in names])  # (C, 77)
+    prompts.ctx.grad = None
+    x = model.token_embedding(ids).detach()  # (C, 77, W)
+    x = torch.cat([x[:, :1], prompts.ctx, x[:, 5:]], dim=1)  # (C, 1 + 4 + 72, W)
+    full = model.encode_embedded(x, ids.argmax(dim=-1), truncate=False)
+    full.square().sum().backward()
+    hook.remove()
+    assert seen == [int(ids.argmax(dim=-1).max()) + 1, 77]  # the short run saw only the tokens up to the last EOT
+    assert ((short - full).abs().max() / full.abs().max()).item() < 1e-5
+    assert ((grad_short - prompts.ctx.grad).abs().max() / prompts.ctx.grad.abs().max()).item() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- the feature cache
+
+def test_cached_features_equal_direct_encoding(demo, tmp_path):
+    *_, model, direct = demo
+    stored = cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path,
+                            key=key_for())
+    assert stored.features.shape == (1, N, *direct.shape[1:]) and stored.features.dtype == np.float16
+    cached = torch.from_numpy(np.array(stored.features[0])).float()
+    torch.testing.assert_close(cached, direct, rtol=2e-3, atol=2e-3 * direct.abs().max().item())  # fp16 storage
+    features, labels, index = stored[5]
+    assert torch.equal(features, cached[5].half()) and torch.equal(labels, demo[1][5]) and index == 5
+    assert stored.to_features(features[None]).dtype == torch.float32
+    # in memory (no cache_dir): the same bytes; a second run reuses the disk cache without encoding anything
+    in_memory = cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0)
+    assert np.array_equal(in_memory.features, stored.features)
+    calls = count_calls(model)
+    again = cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path,
+                           key=key_for())
+    del model.encode_dense
+    assert calls["n"] == 0 and np.array_equal(again.features, stored.features)
+    assert len(os.listdir(tmp_path)) == 1
+
+
+def test_augmented_views_reproducible_and_served_by_epoch(demo, tmp_path):
+    *_, model, direct = demo
+    cached = cache_features.encode_split(dataset(demo, train=True), 3, model, CPU, batch_size=8, workers=0,
+                            cache_dir=tmp_path, key=key_for("train", "augmented"))
+    # another pass, in 2 worker processes: each view is a function of (view, image) alone
+    again = cache_features.encode_split(dataset(demo, train=True), 3, model, CPU, batch_size=8, workers=2)
+    assert np.array_equal(np.asarray(cached.features), again.features)
+    views = torch.from_numpy(np.array(cached.features)).float()  # (K, N, L, D)
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert (views[a] - views[b]).abs().amax(dim=(1, 2)).min() > 1e-2  # every image augmented differently
+    assert (views[0] - direct).abs().amax(dim=(1, 2)).min() > 1e-2  # and unlike its plain view
+    for epoch in (0, 4, 8):
+        cached.set_epoch(epoch)
+        assert torch.equal(cached[7][0], views[epoch % 3, 7].half())
+
+
+@pytest.mark.parametrize("field, value", [("clip_sha256", "b" * 64), ("image_size", 96)])
+def test_cache_of_another_checkpoint_or_resolution_is_never_used(demo, tmp_path, field, value):
+    *_, model, direct = demo
+    cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path, key=key_for())
+    other = {**key_for(), field: value}
+    # another checkpoint gets its own folder: built afresh, not read from the first one
+    calls = count_calls(model)
+    cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path, key=other)
+    del model.encode_dense
+    assert calls["n"] > 0 and len(os.listdir(tmp_path)) == 2
+    # a folder copied under the other key's name (or a hash collision) is refused, naming the field
+    target = cache_features.cache_folder(tmp_path, cache_features.cache_key(other, dataset(demo), model, 1))
+    source = cache_features.cache_folder(tmp_path, cache_features.cache_key(key_for(), dataset(demo), model, 1))
+    shutil.rmtree(target)
+    shutil.copytree(source, target)
+    with pytest.raises(ValueError, match=f"{field}=.*delete that folder"):
+        cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path, key=other)
+
+
+def test_cache_of_another_transform_is_never_used(demo, tmp_path):
+    """The same caller key with another transform (say, augmentation switched on) gets its own folder."""
+    *_, model, _ = demo
+    plain = cache_features.encode_split(dataset(demo), 1, model, CPU, 10, 0, cache_dir=tmp_path, key=key_for("train"))
+    augmented = cache_features.encode_split(dataset(demo, train=True), 1, model, CPU, 10, 0, cache_dir=tmp_path,
+                               key=key_for("train"))
+    assert len(os.listdir(tmp_path)) == 2 and not np.array_equal(plain.features, augmented.features)
+
+
+def test_cache_refuses_to_fill_the_disk(demo, tmp_path, monkeypatch):
+    *_, model, _ = demo
+    monkeypatch.setattr(cache_features.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12, free=1000))
+    with pytest.raises(ValueError, match="cache-views"):
+        cache_features.encode_split(dataset(demo), 1, model, CPU, 10, 0, cache_dir=tmp_path, key=key_for())
+
+
+def test_random_model_is_fingerprinted(demo, tmp_path):
+    """Without a checkpoint sha256 (the demo's random CLIP) the key holds a hash of the weights."""
+    *_, model, _ = demo
+    unnamed = key_for(sha=None)
+    first = cache_features.encode_split(dataset(demo), 1, model, CPU, 10, 0, cache_dir=tmp_path, key=unnamed)
+    other = tiny_clip(resolution=SIZE, seed=1)
+    second = cache_features.encode_split(dataset(demo), 1, other, CPU, 10, 0, cache_dir=tmp_path, key=unnamed)
+    assert len(os.listdir(tmp_path)) == 2 and not np.array_equal(first.features, second.features)
+    target = cache_features.cache_folder(tmp_path, cache_features.cache_key(unnamed, dataset(demo), other, 1))
+    shutil.rmtree(target)
+    shutil.copytree(cache_features.cache_folder(tmp_path, cache_features.cache_key(unnamed, dataset(demo), model, 1)), target)
+    with pytest.raises(ValueError, match="weights="):
+        cache_features.encode_split(dataset(demo), 1, other, CPU, 10, 0, cache_dir=tmp_path, key=unnamed)
+
+
+def test_interrupted_cache_build_resumes(demo, tmp_path):
+    *_, model, _ = demo
+    key = key_for("train", "augmented")
+    reference = cache_features.encode_split(dataset(demo, True), 2, model, CPU, 5, 0, cache_dir=tmp_path / "a", key=key)
+    chunks = 2 * -(-N // 5)  # 2 views of 4 chunks (5 + 5 + 5 + 1 images)
+
+    calls = count_calls(model)  # the first call is the shape probe, then one per chunk
+    original = model.encode_dense
+
+    def failing(images):
+        if calls["n"] == 1 + 3:
+            raise KeyboardInterrupt  # as if the build were stopped during its fourth chunk
+        return original(images)
+    model.encode_dense = failing
+    with pytest.raises(KeyboardInterrupt):
+        cache_features.encode_split(dataset(demo, True), 2, model, CPU, 5, 0, cache_dir=tmp_path / "b", key=key)
+    folder = cache_features.cache_folder(tmp_path / "b", cache_features.cache_key(key, dataset(demo, True), model, 2))
+    assert np.load(os.path.join(folder, "done.npy")).sum() == 3
+    assert '"complete": false' in open(os.path.join(folder, "meta.json")).read()
+    # resumed with another batch size: the first attempt's chunk grid is kept, finished chunks are not redone
+    calls["n"] = 0
+    model.encode_dense = original
+    resumed = cache_features.encode_split(dataset(demo, True), 2, model, CPU, 7, 0, cache_dir=tmp_path / "b", key=key)
+    del model.encode_dense
+    assert calls["n"] == chunks - 3
+    assert np.array_equal(np.asarray(resumed.features), np.asarray(reference.features))
+    assert '"complete": true' in open(os.path.join(folder, "meta.json")).read()
+
+
+def test_killed_cache_build_resumes(demo, tmp_path):
+    """A build in another process, SIGKILLed after two chunks, resumes here to the uninterrupted bytes."""
+    images, labels, model, _ = demo
+    np.save(tmp_path / "images.npy", np.stack([np.asarray(im) for im in images]))
+    torch.save(labels, tmp_path / "labels.pt")
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    script = textwrap.dedent(f"""
+        import sys, time, numpy as np, torch
+        from PIL import Image
+        sys.path.insert(0, {REPO!r})
+        from clipmlr import features as cache_features
+        from clipmlr.data import ImageDataset, image_transform
+        from clipmlr.demo import tiny_clip
+        model = tiny_clip(resolution={SIZE})
+        model.load_state_dict(torch.load({str(tmp_path / "clip.pt")!r}))
+        slow = model.encode_dense
+        def encode(x):
+            time.sleep(0.3)
+            return slow(x)
+        model.encode_dense = encode
+        images = [Image.fromarray(a) for a in np.load({str(tmp_path / "images.npy")!r})]
+        data = ImageDataset(images, torch.load({str(tmp_path / "labels.pt")!r}), image_transform({SIZE}, True))
+        cache_features.encode_split(data, 2, model, torch.device("cpu"), 4, 0, cache_dir={str(tmp_path / "b")!r},
+                       key={key_for("train", "augmented")!r})
+    """)
+    images = [Image.fromarray(np.asarray(im)) for im in images]  # what the child sees
+    data = ImageDataset(images, labels, image_transform(SIZE, True))
+    folder = cache_features.cache_folder(tmp_path / "b", cache_features.cache_key(key_for("train", "augmented"), data, model, 2))
+    child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if np.load(os.path.join(folder, "done.npy")).sum() >= 2:
+                    break
+            except (OSError, ValueError, EOFError):
+                pass
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+    done = int(np.load(os.path.join(folder, "done.npy")).sum())
+    assert 2 <= done < 8, f"the child finished {done} of 8 chunks before it was killed"
+    calls = count_calls(model)
+    resumed = cache_features.encode_split(data, 2, model, CPU, 4, 0, cache_dir=tmp_path / "b", key=key_for("train", "augmented"))
+    del model.encode_dense
+    assert calls["n"] == 8 - done
+    reference = cache_features.encode_split(data, 2, model, CPU, 4, 0)
+    assert np.array_equal(np.asarray(resumed.features), reference.features)
+
+
+# ------------------------------------------------------------------ analyses: sweep, negation, maps, zero-shot
+
+
+
+DEMO_ARGS = ["--data", "demo", "--demo-images", "24", "--image-size", "64", "--workers", "0", "--cache-views", "1"]
+
+
+def _demo_clip():
+    """The demo's miniature CLIP exactly as the analysis commands (and run.py) load it for DEMO_ARGS."""
+    args = run.parse_args(DEMO_ARGS)
+    data = run.load_data(args)
+    return run.load_clip(args, data[0])[0], data
+
+
+def _unit_text(model, prompts):
+    with torch.no_grad():
+        return F.normalize(model.encode_text(tokenize(prompts)), dim=-1)
+
+
+def _table_rows(markdown):
+    """The rows of the first Markdown table in `markdown`, as lists of cell strings (header first)."""
+    lines = [l for l in markdown.splitlines() if l.startswith("|") and not l.startswith("|---")]
+    return [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+
+
+def test_templates_are_the_papers():
+    assert len(TEMPLATES) == 85 and len(set(TEMPLATES)) == 85
+    assert all(t.count("{}") == 1 for t in TEMPLATES)
+    assert TEMPLATES[0] == "a bad photo of a {}." and TEMPLATES[-1] == "this is one {} in the scene."
+    assert "a photo of a {}." in TEMPLATES and "itap of my {}." in TEMPLATES
+    assert negated("a photo of a {}.") == "not a photo of a {}."
+    assert len(COCO_CLASSES) == 80 and len(set(COCO_CLASSES)) == 80
+    assert COCO_CLASSES[:3] == ["person", "bicycle", "car"] and COCO_CLASSES[-1] == "toothbrush"
+
+
+def test_negation_matches_direct_computation():
+    model, _ = _demo_clip()
+    classes, templates = COCO_CLASSES[:6], TEMPLATES[:4]
+    sims = negation_similarities(model, classes, templates)
+    for i, c in enumerate(classes):
+        p1, n1, p2 = _unit_text(model, [f"photo of a {c}", f"not a photo of a {c}", f"picture of a {c}"])
+        assert sims["one prompt"]["p1_n1"][i].item() == pytest.approx((p1 @ n1).item(), abs=1e-5)
+        assert sims["one prompt"]["p1_p2"][i].item() == pytest.approx((p1 @ p2).item(), abs=1e-5)
+        pos = _unit_text(model, [t.format(c) for t in templates])  # (K, D)
+        neg = _unit_text(model, ["not " + t.format(c) for t in templates])
+        assert torch.allclose(sims["85 templates"]["p1_n1"][:, i], (pos * neg).sum(-1), atol=1e-5)
+        pairs = [pos[a] @ pos[b] for a in range(4) for b in range(a + 1, 4)]
+        assert torch.allclose(sims["85 templates"]["p1_p2"][i], torch.stack(pairs), atol=1e-5)
+    s = negation_summary(sims)
+    per_class = sims["85 templates"]["p1_n1"].mean(0).double().numpy()
+    assert s["85 templates"]["p1_n1"]["mean"] == pytest.approx(per_class.mean())
+    assert s["85 templates"]["p1_n1"]["std"] == pytest.approx(per_class.std())  # over classes, ddof 0
+    assert s["85 templates"]["p1_n1"]["min"] == pytest.approx(per_class.min())
+
+
+def test_negation_command_table(tmp_path):
+    assert analysis.main(["negation", *DEMO_ARGS, "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert "random miniature CLIP" in text
+    rows = _table_rows(text)
+    assert rows[0] == ["Setting", "P1-N1", "P1-P2"] and len(rows) == 6  # ours x3, paper x2
+    assert rows[2] == ["80 classes, 1 prompt, paper (RN101)", "0.58 ± 0.06 (0.37, 0.69)", "0.53 ± 0.04 (0.51, 0.67)"]
+    # the one-prompt row against a direct computation over the 80 classes
+    model, _ = _demo_clip()
+    p1 = _unit_text(model, [f"photo of a {c}" for c in COCO_CLASSES])
+    n1 = _unit_text(model, [f"not a photo of a {c}" for c in COCO_CLASSES])
+    cos = (p1 * n1).sum(-1).double().numpy()
+    expected = f"{cos.mean():.2f} ± {cos.std():.2f} ({cos.min():.2f}, {cos.max():.2f})"
+    assert rows[1][0] == "80 classes, 1 prompt" and rows[1][1] == expected
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["summary"]["one prompt"]["p1_n1"]["mean"] == pytest.approx(cos.mean(), abs=1e-6)
+    assert len(results["per_class"]["85 templates, per-class mean"]["p1_n1"]) == 80
+
+
+def test_zero_shot_matches_direct_computation(tmp_path, monkeypatch):
+    model, data = _demo_clip()
+    monkeypatch.setattr(run, "load_data", lambda args: data)  # the very same images (and calibration) below
+    assert analysis.main(["zeroshot", *DEMO_ARGS, "--no-cache-features", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    _, _, test, test_y, names = data
+    transform = image_transform(64, train=False)
+    with torch.no_grad():
+        features = model.encode_dense(torch.stack([transform(im) for im in test]))
+        presence = model.encode_text(tokenize([f"a photo of a {n}." for n in names]))
+        absence = model.encode_text(tokenize([f"not a photo of a {n}." for n in names]))
+        scores = torch.softmax(prompt_logits(features, presence, absence), dim=-1)[..., 0]
+    assert result["map"] == pytest.approx(mean_average_precision(scores, test_y), abs=1e-3)
+    assert 0 <= result["map"] <= 100 and result["clip"]["name"] == "random-tiny"
+    assert "random miniature CLIP" in (tmp_path / "table.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def demo_sweep(tmp_path_factory):
+    """A 2 heads x 2 label proportions sweep on the demo, 2 epochs per run; its folder."""
+    out = tmp_path_factory.mktemp("sweep")
+    argv = ["sweep", "--heads", "baseline", "positive", "--labels", "0.5", "1", *DEMO_ARGS, "--epochs", "2",
+            "--out", str(out), "--cache-dir", str(out / "cache")]
+    assert analysis.main(argv) == 0
+    return out, argv
+
+
+def test_sweep_table_and_plot(demo_sweep):
+    out, _ = demo_sweep
+    text = (out / "table.md").read_text()
+    assert "random miniature CLIP" in text
+    rows = _table_rows(text)
+    assert rows[0] == ["Method", "50%", "100%", "Avg", "#Params", "Train time / run"]
+    assert [r[0] for r in rows[1:]] == ['zero-shot ("a photo of a {}." / "not a photo of a {}.")', "baseline",
+                                        "positive"]  # no paper rows for the demo
+    for r in rows[1:]:
+        cells = [float(c) for c in r[1:4]]
+        assert all(0 <= c <= 100 for c in cells)
+        assert cells[2] == pytest.approx(np.mean(cells[:2]), abs=0.051)  # Avg of the columns
+    assert rows[2][4] == "780" and rows[3][4] == "6,912"  # baseline 2·(64+1)·6, positive (16·64 + 2·64)·6
+    for head in ("baseline", "positive"):
+        for labels in ("0.5", "1"):
+            result = json.loads((out / f"demo-{head}-{labels}-seed0" / "results.json").read_text())
+            assert result["settings"]["epochs"] == 2 and result["settings"]["cache_features"]
+    with open(out / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table][1:] == ["baseline", "positive"]
+    assert float(table[1]["50%"]) == pytest.approx(float(rows[2][1]), abs=0.051)
+    with Image.open(out / "plot.png") as im:
+        assert im.size == (900, 520) and im.mode == "RGB"
+
+
+def test_sweep_restart_skips_done_runs(demo_sweep, monkeypatch, capsys):
+    out, argv = demo_sweep
+    calls = []
+    finished = out / "demo-positive-1-seed0"
+    saved = (finished / "results.json").read_text()
+    (finished / "results.json").unlink()  # as if killed after its checkpoint, before its results
+
+    def fake_main(run_argv):  # records the call and puts the results back instead of training
+        calls.append(run_argv)
+        (finished / "results.json").write_text(saved)
+        return 0
+
+    monkeypatch.setattr(run, "main", fake_main)
+    assert analysis.main(argv) == 0
+    assert len(calls) == 1 and calls[0][-1] == "--resume" and str(finished) in calls[0]
+    assert capsys.readouterr().out.count("is done, skipped") == 3
+    # a finished run made with other settings is not silently reused
+    assert analysis.main([a if a != "2" else "3" for a in argv]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_sweep_table_has_the_papers_rows():
+    results = [{"head": h, "labels": p, "seed": s, "map": 90.0 + s, "trainable_params": 1, "train_seconds": 60.0}
+               for h in ("baseline", "positive") for p in PROPORTIONS for s in (0, 1)]
+    text, rows = sweep_table(results, None, "voc", "RN101")
+    table = _table_rows(text)
+    assert table[0][1:10] == [f"{10 * i}%" for i in range(1, 10)] and table[0][10] == "Avg"
+    assert table[1][1] == "90.5 ± 0.5"  # two seeds: mean ± std
+    paper = [f"{v:.1f}" for v in PAPER_TABLE1["voc"]["baseline"]] + [f"{PAPER_AVERAGE['voc']['baseline']:.1f}"]
+    assert table[2][0] == "baseline (paper)" and table[2][1:11] == paper  # the published Avg, not a recomputed one
+    assert table[4][-2:] == ["0.17M", "3 GPU-h"]
+    subset = [r for r in results if r["labels"] in (0.1, 0.9)]
+    text, _ = sweep_table(subset, None, "coco", "RN101")
+    assert _table_rows(text)[2][3] == f"{np.mean([78.9, 83.5]):.1f}*" and "Avg over 10%…90% is 82.0" in text
+
+
+def test_maps_hand_written_and_learned(demo_sweep, tmp_path):
+    out, _ = demo_sweep
+    assert analysis.main(["maps", *DEMO_ARGS, "--index", "1", "--panel", "96", "--out", str(tmp_path)]) == 0
+    for name in ("positive", "baseline"):
+        assert analysis.main(["maps", "--run", str(out / f"demo-{name}-1-seed0"), "--index", "1", "--panel", "96",
+                              "--class", "ring", "--out", str(tmp_path)]) == 0
+    pngs = sorted(os.listdir(tmp_path))
+    assert len(pngs) == 3 and any("hand-written" in p for p in pngs), pngs
+    for p in pngs:
+        with Image.open(tmp_path / p) as im:
+            assert im.size == figure_size(96) == (320, 196)
+    assert analysis.main(["maps", "--run", str(out / "demo-positive-1-seed0"), "--class", "dog"]) == 2
+    assert analysis.main(["maps", "--run", str(tmp_path / "nothing"), "--class", "ring"]) == 2
+
+
+def test_similarity_maps_are_cosines():
+    torch.manual_seed(0)
+    features, presence, absence = torch.randn(1 + 9, 8), torch.randn(8), torch.randn(8)
+    maps = similarity_maps(features, presence, absence)
+    assert maps.shape == (2, 3, 3)
+    assert maps[0, 1, 2].item() == pytest.approx(F.cosine_similarity(features[1 + 5], presence, dim=0).item(), abs=1e-6)
+    assert maps[1, 2, 0].item() == pytest.approx(F.cosine_similarity(features[1 + 6], absence, dim=0).item(), abs=1e-6)
+
+
+def test_sweep_rejects_bad_labels(capsys):
+    assert analysis.main(["sweep", "--labels", "0.5", "1.5", *DEMO_ARGS]) == 2
+    assert "--labels 1.5" in capsys.readouterr().err
