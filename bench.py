@@ -33,16 +33,8 @@ from clipmlr.demo import DEMO_CLASSES, demo_split, tiny_clip
 from clipmlr.features import encode_images, encode_split
 from clipmlr.heads import HEADS, Prompts, build_head, parameter_groups
 from clipmlr.loss import asymmetric_loss
+from clipmlr.templates import COCO_CLASSES
 
-COCO_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis",
-    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
-    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
-    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
 VOC_RUN = {"train": 5011, "test": 4952, "epochs": 50}  # the paper's VOC2007 protocol (trainval, test)
 
 

@@ -137,7 +137,8 @@ def load_clip(args, calibration_images):
 def feature_key(args, clip_info):
     """What stored features depend on, besides the split and view (the cache refuses any mismatch)."""
     return {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
-            "image_size": args.image_size, "data_root": os.path.abspath(args.data_root)}
+            "image_size": args.image_size,
+            "data_root": None if args.data == "demo" else os.path.abspath(args.data_root)}
 
 
 def lr_factor(epoch, args):

@@ -1325,13 +1325,11 @@ def test_malformed_coco_annotations_are_named(tmp_path, content, message):
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     base = ["--head", "positive", "--data", "demo", "--demo-images", "64", "--epochs", "4", "--batch-size", "8",
-            "--workers", "0", "--cache-dir", str(tmp_path / "cache")]
-    assert run.main([*base, "--out", str(tmp_path / "one")]) == 0
+            "--workers", "0"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "run.py"), *base, "--out", str(tmp_path / "two")]
+           os.path.join(ROOT, "run.py"), *base, "--out", str(tmp_path / "two"), "--cache-dir", str(tmp_path / "c2")]
     p = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
@@ -1341,9 +1339,18 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert stdout.count("mAP") == 2  # printed by rank 0 only: the last epoch and the summary
+    assert run.main([*base, "--out", str(tmp_path / "one"), "--cache-dir", str(tmp_path / "c1")]) == 0
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["processes"] == 2 and os.listdir(tmp_path / "two").count("results.json") == 1
+    # the cache the two ranks built between them (each every other chunk) equals the one built alone
+    for split in ("train", "test"):
+        [a] = [d for d in os.listdir(tmp_path / "c1") if f"-{split}-" in d]
+        [b] = [d for d in os.listdir(tmp_path / "c2") if f"-{split}-" in d]
+        assert a == b  # the same key
+        fa, fb = (np.load(tmp_path / c / a / "features.npy") for c in ("c1", "c2"))
+        np.testing.assert_allclose(fa.astype(np.float32), fb.astype(np.float32), atol=2e-3, rtol=2e-3)
+        assert json.loads((tmp_path / "c2" / b / "meta.json").read_text())["complete"]
     # the same global batches (cached features, the same permutation): equal up to float summation order
     assert abs(two["map"] - one["map"]) < 0.5, (one["map"], two["map"])
     for a, b in zip(one["history"], two["history"]):

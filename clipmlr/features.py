@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import save_atomic
 
 CACHE_FORMAT = 1  # bump when the layout or the per-view seeding changes: old caches then no longer match
@@ -256,19 +257,33 @@ def open_cache(folder, key, shape_of, chunk):
 
 
 def cached_features(dataset, model, device, batch_size, workers, cache_dir, key):
-    """(K, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first."""
+    """(K, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first.
+
+    Under torchrun the ranks share the build: rank r encodes every world-th unfinished chunk and records its
+    progress in done.rank<r>.npy; rank 0 merges the records once all ranks are through.
+    """
     folder = cache_folder(cache_dir, key)
+    rank, world = distributed.rank(), distributed.world_size()
     os.makedirs(folder, exist_ok=True)
     features_path, done_path = os.path.join(folder, "features.npy"), os.path.join(folder, "done.npy")
     views = key["views"]
-    with build_lock(folder):
-        meta, done = open_cache(folder, key, lambda: (views, len(dataset), *feature_shape(dataset, model, device)),
-                                batch_size)
+
+    def shape_of():
+        return (views, len(dataset), *feature_shape(dataset, model, device))
+
+    with build_lock(folder) if world == 1 else contextlib.nullcontext():  # ranks coordinate by barriers instead
+        if rank == 0:
+            meta, done = open_cache(folder, key, shape_of, batch_size)
+        distributed.barrier()
+        if rank != 0:
+            meta, done = open_cache(folder, key, shape_of, batch_size)
         if not meta["complete"]:
+            done = merged_progress(folder, done)  # a killed sharded build left per-rank records
             chunk, shape = meta["chunk"], meta["shape"]  # the first attempt's chunk grid, whatever the batch now
             todo = [(v, c) for v in range(done.shape[0]) for c in range(done.shape[1]) if not done[v, c]]
-            if len(todo) < done.size:
+            if rank == 0 and len(todo) < done.size:
                 print(f"resuming the feature cache {folder}: {done.size - len(todo)} of {done.size} chunks done")
+            progress_path = done_path if world == 1 else os.path.join(folder, f"done.rank{rank}.npy")
             offset = np.load(features_path, mmap_mode="r").offset  # bytes of the .npy header
             row = int(np.prod(shape[2:])) * 2  # bytes of one image's (L, D) fp16 features
 
@@ -279,12 +294,26 @@ def cached_features(dataset, model, device, batch_size, workers, cache_dir, key)
                     f.flush()
                     os.fsync(f.fileno())  # the features reach the disk before the record says so
                     done[v, c] = 1
-                    write_done(done_path, done)
+                    write_done(progress_path, done)
 
-                encode_chunks(dataset, model, device, views, chunk, todo, workers, store,
+                encode_chunks(dataset, model, device, views, chunk, todo[rank::world], workers, store,
                               desc=f"caching {key.get('split', '')} features")
-            save_atomic({**meta, "complete": True}, os.path.join(folder, "meta.json"))
+            distributed.barrier()
+            if rank == 0:
+                done = merged_progress(folder, done)
+                assert done.all(), "every chunk of the cache must be built before it is marked complete"
+                write_done(done_path, done)
+                save_atomic({**meta, "complete": True}, os.path.join(folder, "meta.json"))
+        distributed.barrier()
     return np.load(features_path, mmap_mode="r")
+
+
+def merged_progress(folder, done):
+    """`done` or-ed with the per-rank progress records of a sharded build (done.rank<r>.npy)."""
+    for name in sorted(os.listdir(folder)):
+        if re.fullmatch(r"done\.rank\d+\.npy", name):
+            done = done | np.load(os.path.join(folder, name))
+    return done
 
 
 def encode_split(dataset, views, model, device, batch_size, workers, cache_dir=None, key=None):
