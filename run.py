@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from clipmlr import clip as clipmodule
 from clipmlr import distributed
@@ -101,6 +102,12 @@ def parse_args(argv=None):
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.head}-{args.labels:g}-seed{args.seed}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device; give auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu (or auto)")
     return args
 
 
@@ -168,7 +175,8 @@ def evaluate(head, test_set, batch_size, n_classes):
     module.eval()
     embeddings = module.class_embeddings()
     shard = torch.tensor_split(torch.arange(len(test_set)), distributed.world_size())[distributed.rank()]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, shard.tolist()), batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, shard.tolist()), batch_size=batch_size,
+                                         num_workers=test_set.workers)
     scores = [torch.empty(0, n_classes)]
     for features, _, _ in loader:
         logits = module.logits(test_set.to_features(features), embeddings)
@@ -194,6 +202,7 @@ def say(*text, **kw):
 def run(args):
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rank, world, device = distributed.setup(args.device)
+    args.device = str(device)  # under torchrun each rank has its own GPU
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; the global "
                          f"batch is split evenly over them, so give a multiple of {world}")
@@ -255,10 +264,13 @@ def run(args):
     train_set = encode_split(ImageDataset(train, mask_y, image_transform(args.image_size, train=args.augment)),
                              views=train_views, key={**key, "split": "train",
                                                      "view": "augmented" if args.augment else "plain"}, **encode)
+    # without the cache the test images go through the encoder at evaluation time, each rank its own shard
     test_set = encode_split(ImageDataset(test, test_y, image_transform(args.image_size, train=False)),
-                            views=1, key={**key, "split": "test", "view": "plain"}, **encode)
-    views = f", training images x {train_views} view(s)" if args.cache_features else ""
-    say(f"features: test split encoded once{views} in {time.time() - t0:.1f}s")
+                            views=1 if args.cache_features else None,
+                            key={**key, "split": "test", "view": "plain"}, **encode)
+    if args.cache_features:
+        say(f"features: test images x 1 view, training images x {train_views} view(s), cached in "
+            f"{args.cache_dir} ({time.time() - t0:.1f}s)")
 
     # training: for epoch, for batch: features, forward, loss, backward, step
     # the order is a permutation seeded by (seed, epoch); rank r takes every world-th image of it, so the union of
@@ -274,7 +286,7 @@ def run(args):
         loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler, num_workers=train_set.workers,
                                              pin_memory=device.type == "cuda")
         total = torch.zeros((), device=device)
-        for features, targets, _ in loader:
+        for features, targets, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0 or None):
             logits = trained(train_set.to_features(features))
             loss = args.loss_weight * asymmetric_loss(logits, targets.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)

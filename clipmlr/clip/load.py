@@ -101,8 +101,10 @@ def load(name_or_path="RN101", device="cpu", root="weights", url=None):
     checkpoint file's sha256 (so results can name the exact weights they came from).
     """
     name_or_path = os.fspath(name_or_path)
+    sha = None
     if name_or_path in MODELS:
         path = download(name_or_path, root, url)
+        sha = MODELS[name_or_path]  # download verified it
     elif os.path.isfile(name_or_path):
         path = name_or_path
     elif os.path.sep in name_or_path or name_or_path.endswith((".pt", ".pth")):
@@ -116,4 +118,4 @@ def load(name_or_path="RN101", device="cpu", root="weights", url=None):
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     model.requires_grad_(False)
-    return model.to(device), sha256_of(path)
+    return model.to(device), sha or sha256_of(path)
