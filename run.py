@@ -200,7 +200,6 @@ def say(*text, **kw):
 
 
 def run(args):
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rank, world, device = distributed.setup(args.device)
     args.device = str(device)  # under torchrun each rank has its own GPU
     if args.batch_size % world:

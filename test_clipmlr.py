@@ -6,7 +6,6 @@ dense features, downloads); run.py end to end (demo, VOC and COCO trees, bad inp
 corrupt files, torchrun); the feature cache; the analyses. Expected values are computed independently of the code
 under test (by hand, from the formula, or from the model's own weights with plain torch ops).
 """
-from types import SimpleNamespace
 import copy
 import csv
 import gzip
@@ -25,46 +24,34 @@ import textwrap
 import threading
 import time
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
-from PIL import Image
-from torch import nn
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
+import clipmlr.clip as clip
+import run
+from clipmlr import analysis, features as cache_features
 from clipmlr.aggregation import aggregate, prompt_logits
-from clipmlr.clip import tokenize
-from clipmlr.clip.model import CLIP
-from clipmlr.data import mask_labels
-from clipmlr.heads import build_head, count_trainable, parameter_groups
+from clipmlr.checkpoint import save_atomic
+from clipmlr.clip import build_model, CLIP, tokenize
+from clipmlr.clip.load import model_url, MODELS
+from clipmlr.data import DataError, image_transform, ImageDataset, load_coco, load_voc, mask_labels
+from clipmlr.demo import demo_split, tiny_clip
+from clipmlr.heads import build_head, count_trainable, parameter_groups, Prompts
 from clipmlr.loss import asymmetric_loss
 from clipmlr.metrics import average_precision, mean_average_precision
-import clipmlr.clip as clip
-from clipmlr.clip import CLIP, build_model, tokenize
-from clipmlr.clip.load import MODELS, model_url
-import run
-from clipmlr.data import DataError, load_coco, load_voc, mask_labels
-from clipmlr.demo import demo_split
-from clipmlr.checkpoint import save_atomic
-from clipmlr.data import DataError, ImageDataset, image_transform, load_coco, load_voc
-from clipmlr import features as cache_features
-from clipmlr.data import ImageDataset, image_transform
-from clipmlr.demo import demo_split, tiny_clip
-from clipmlr.heads import Prompts
-from clipmlr import analysis
-from clipmlr.aggregation import prompt_logits
-from clipmlr.data import image_transform
-from clipmlr.metrics import mean_average_precision
 from clipmlr.plots import figure_size
 from clipmlr.similarity import negation_similarities, negation_summary, similarity_maps
 from clipmlr.sweep import PAPER_AVERAGE, PAPER_TABLE1, PROPORTIONS, sweep_table
-from clipmlr.templates import COCO_CLASSES, TEMPLATES, negated
+from clipmlr.templates import COCO_CLASSES, negated, TEMPLATES
 
 
 # ------------------------------------------------------------------ aggregation, heads, loss, masking, mAP
-
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -228,6 +215,9 @@ def test_map_hand_made_cases():
     assert mean_average_precision(np.array([[1.0], [4.0], [2.0], [3.0]]), y) == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
     # one positive at rank 2
     assert mean_average_precision(np.array([[0.5], [0.9], [0.1]]), np.array([[1], [0], [0]])) == pytest.approx(50.0)
+    # tied scores are ranked in input order: negative, negative, positive, positive below the 0.9 negative
+    ties = mean_average_precision(np.array([[0.5], [0.5], [0.9], [0.5]]), np.array([[0], [1], [0], [1]]))
+    assert ties == pytest.approx(100 * (1 / 3 + 2 / 4) / 2)
     # an unknown label ranked first is ignored
     assert mean_average_precision(np.array([[0.9], [0.5], [0.1]]), np.array([[-1], [1], [0]])) == pytest.approx(100.0)
     # a class without a positive is left out of the mean, and has AP NaN
@@ -1007,7 +997,6 @@ def test_load_vit_checkpoint_is_refused(tiny, tmp_path):
 # ------------------------------------------------------------------ run.py end to end: demo, VOC, COCO, bad input
 
 
-
 ROOT = os.path.dirname(os.path.abspath(run.__file__))
 
 
@@ -1168,7 +1157,6 @@ def test_no_network_download_is_a_clear_error(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ runs that survive: resume, bad files, torchrun
 
 
-
 ROOT = os.path.dirname(os.path.abspath(run.__file__))
 # in-loop encoding (no cache) so that an epoch takes long enough to be killed in the middle of
 SMALL = ["--head", "positive", "--data", "demo", "--demo-images", "48", "--image-size", "64", "--epochs", "6",
@@ -1302,7 +1290,6 @@ def test_missing_and_unreadable_images_are_named(tmp_path):
 
 
 def _tiny(tmp_path):
-    from clipmlr.clip.model import CLIP
     torch.manual_seed(0)
     m = CLIP(32, 64, [1, 1, 1, 1], 8, 77, 49408, 64, 1, 1)
     torch.save(m.state_dict(), tmp_path / "tiny.pt")
@@ -1322,6 +1309,16 @@ def test_malformed_coco_annotations_are_named(tmp_path, content, message):
     (tmp_path / "annotations" / "instances_train2014.json").write_text(content)
     with pytest.raises(DataError, match=message):
         load_coco(str(tmp_path), "train2014")
+
+
+def test_sharded_cache_progress_records_are_merged(tmp_path):
+    """A killed sharded build left one progress record per rank; resuming takes the union of them."""
+    from clipmlr.features import merged_progress, write_done
+    base = np.array([[1, 0, 0, 0]], dtype=np.uint8)
+    write_done(str(tmp_path / "done.rank0.npy"), np.array([[1, 1, 0, 0]], dtype=np.uint8))
+    write_done(str(tmp_path / "done.rank1.npy"), np.array([[0, 0, 0, 1]], dtype=np.uint8))
+    (tmp_path / "done.rank1.npy.tmp").write_bytes(b"partial")  # a record being written: not read
+    assert merged_progress(str(tmp_path), base).tolist() == [[1, 1, 0, 1]]
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
@@ -1591,7 +1588,6 @@ def test_killed_cache_build_resumes(demo, tmp_path):
 
 
 # ------------------------------------------------------------------ analyses: sweep, negation, maps, zero-shot
-
 
 
 DEMO_ARGS = ["--data", "demo", "--demo-images", "24", "--image-size", "64", "--workers", "0", "--cache-views", "1"]

@@ -1,4 +1,5 @@
 """Writing files so that a crash never leaves a partial file under its final name, and reading them back."""
+import json
 import os
 import tempfile
 
@@ -17,7 +18,6 @@ def save_atomic(obj, path):
     try:
         with os.fdopen(fd, "wb") as f:
             if path.endswith(".json"):
-                import json
                 f.write(json.dumps(obj, indent=2).encode())
             else:
                 torch.save(obj, f)
