@@ -1154,6 +1154,63 @@ def test_no_network_download_is_a_clear_error(tmp_path, monkeypatch):
         data.download_coco(str(tmp_path))
 
 
+def _archive(path, root, members, kind):
+    """A .tar or .zip at `path` holding `members` (paths relative to `root`); returns its bytes."""
+    import tarfile
+    import zipfile
+    if kind == "tar":
+        with tarfile.open(path, "w") as t:
+            for m in members:
+                t.add(os.path.join(root, m), arcname=m)
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            for m in members:
+                z.write(os.path.join(root, m), arcname=m)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_download_datasets_from_a_local_server(tmp_path, server, monkeypatch):
+    """--download through the real code (torchvision's download, md5 check and extraction), served on 127.0.0.1."""
+    import hashlib
+    import torchvision.datasets.voc as tv_voc
+    import clipmlr.data as data
+    made = tmp_path / "made"
+    _make_voc(str(made / "voc"))
+    _make_coco(str(made / "coco"))
+    members = [os.path.relpath(os.path.join(d, f), made / "voc") for d, _, fs in os.walk(made / "voc") for f in fs]
+    body = _archive(tmp_path / "voc.tar", str(made / "voc"), members, "tar")
+    server.routes["/voc.tar"] = (body, len(body))
+    entry = {"url": server.url + "/voc.tar", "filename": "voc.tar", "md5": hashlib.md5(body).hexdigest(),
+             "base_dir": "VOCdevkit/VOC2007"}
+    monkeypatch.setitem(tv_voc.DATASET_YEAR_DICT, "2007", entry)
+    monkeypatch.setitem(tv_voc.DATASET_YEAR_DICT, "2007-test", entry)
+    urls = {}
+    for archive, top in (("zips/train2014.zip", "train2014"), ("zips/val2014.zip", "val2014"),
+                         ("annotations/annotations_trainval2014.zip", "annotations")):
+        files = [os.path.join(top, f) for f in os.listdir(made / "coco" / top)]
+        body = _archive(tmp_path / os.path.basename(archive), str(made / "coco"), files, "zip")
+        server.routes["/" + archive] = (body, len(body))
+        urls[archive] = hashlib.md5(body).hexdigest()
+    monkeypatch.setattr(data, "COCO_BASE_URL", server.url)
+    monkeypatch.setattr(data, "COCO_URLS", urls)
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pt")
+    for name in ("voc", "coco"):
+        root = tmp_path / "data" / name
+        argv = ["--head", "baseline", "--data", name, "--data-root", str(root), "--download", "--clip", ckpt,
+                "--image-size", "64", "--epochs", "1", "--workers", "0", "--no-cache-features"]
+        assert run.main([*argv, "--out", str(tmp_path / name / "1")]) == 0
+        n = len(server.requests)
+        assert run.main([*argv, "--out", str(tmp_path / name / "2")]) == 0  # what is there is not fetched again
+        assert len(server.requests) == n
+    assert len(load_voc(str(tmp_path / "data" / "voc"), "test")[0]) == len(VOC_TEST)
+    assert load_coco(str(tmp_path / "data" / "coco"), "val2014")[2] == ["person", "car", "dog"]
+    # a damaged archive (wrong md5) is refused with a clear error
+    monkeypatch.setitem(urls, "zips/val2014.zip", "0" * 32)
+    with pytest.raises(DataError, match="could not download .*val2014.zip"):
+        data.download_coco(str(tmp_path / "data" / "coco2"))
+
+
 # ------------------------------------------------------------------ runs that survive: resume, bad files, torchrun
 
 

@@ -22,6 +22,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
+COCO_BASE_URL = "http://images.cocodataset.org"
 COCO_URLS = {  # archive -> md5, as published by cocodataset.org
     "zips/train2014.zip": "0da8c0bd3d6becc4dcb32757491aca88",
     "zips/val2014.zip": "a3d79f5ed8d289b7a7554ce06a5782b3",
@@ -123,7 +124,7 @@ def download_coco(root):
         unpacked = {"zips/train2014.zip": "train2014", "zips/val2014.zip": "val2014"}.get(archive, "annotations")
         if os.path.isdir(os.path.join(root, unpacked)):
             continue
-        url = f"http://images.cocodataset.org/{archive}"
+        url = f"{COCO_BASE_URL}/{archive}"
         fetch(url, root, lambda: download_and_extract_archive(url, root, md5=md5, remove_finished=True))
 
 
