@@ -275,6 +275,9 @@ def run(args):
     # the order is a permutation seeded by (seed, epoch); rank r takes every world-th image of it, so the union of
     # the ranks' batches k is the global batch k that one process would see
     sampler = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    def test_ap():
+        return average_precision(evaluate(head, test_set, max(args.batch_size, 100), len(classnames)), test_y)
+
     ap = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
@@ -301,7 +304,7 @@ def run(args):
         record = {"epoch": epoch + 1, "loss": mean_loss, "lr": [g["lr"] for g in optimizer.param_groups],
                   "seconds": time.time() - t0}
         if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            ap = average_precision(evaluate(head, test_set, max(args.batch_size, 100), len(classnames)), test_y)
+            ap = test_ap()
             record["map"] = 100 * float(np.nanmean(ap))
         history.append(record)
         eta = train_seconds / len(history) * (args.epochs - epoch - 1)
@@ -312,7 +315,7 @@ def run(args):
                          "history": history, "train_seconds": train_seconds, "mask": mask_y,
                          "settings": settings_of(args)}, ckpt_path)
     if ap is None:  # resumed a run whose training had finished: evaluate its final head
-        ap = average_precision(evaluate(head, test_set, max(args.batch_size, 100), len(classnames)), test_y)
+        ap = test_ap()
         history[-1]["map"] = 100 * float(np.nanmean(ap))
 
     # results of the last epoch

@@ -799,6 +799,13 @@ def test_tokenize_vocabulary_file_is_openais():
 # ---------------------------------------------------------------------------------------------------------
 # download, against a local HTTP server
 
+def _no_proxy(monkeypatch):
+    """Requests to 127.0.0.1 must not go through a proxy from the environment."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serves server.routes[path] = (body, declared Content-Length), then closes the connection."""
 
@@ -822,9 +829,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    _no_proxy(monkeypatch)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.routes, srv.requests = {}, []
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -897,8 +902,7 @@ def test_download_server_unreachable(tmp_path, monkeypatch):
     with socket.socket() as s:  # a port that was free a moment ago and has nobody listening now
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    _no_proxy(monkeypatch)
     sha = hashlib.sha256(b"unreachable").hexdigest()
     monkeypatch.setitem(MODELS, "tiny", sha)
     url = f"http://127.0.0.1:{port}/tiny.pt"
@@ -926,8 +930,7 @@ def test_download_reply_that_is_not_http(tmp_path, monkeypatch):
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+    _no_proxy(monkeypatch)
     sha = hashlib.sha256(b"garbage").hexdigest()
     monkeypatch.setitem(MODELS, "tiny", sha)
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/tiny.pt"
@@ -1214,7 +1217,6 @@ def test_download_datasets_from_a_local_server(tmp_path, server, monkeypatch):
 # ------------------------------------------------------------------ runs that survive: resume, bad files, torchrun
 
 
-ROOT = os.path.dirname(os.path.abspath(run.__file__))
 # in-loop encoding (no cache) so that an epoch takes long enough to be killed in the middle of
 SMALL = ["--head", "positive", "--data", "demo", "--demo-images", "48", "--image-size", "64", "--epochs", "6",
          "--batch-size", "8", "--no-cache-features", "--augment", "--workers", "0", "--eval-every", "2"]

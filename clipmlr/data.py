@@ -84,12 +84,14 @@ def read_voc_annotation(path, difficult="absent"):
         raise DataError(f"cannot read the annotation {path}: {e}") from None
     present, uncertain = set(), set()
     for obj in objects:
-        name, flag = obj.findtext("name"), obj.findtext("difficult", "0")
+        name = obj.findtext("name")
         if name is None:
             raise DataError(f"{path}: an <object> has no <name> tag")
         if name.strip() not in VOC_CLASSES:
             raise DataError(f"{path}: unknown class {name!r}; VOC2007 classes are {VOC_CLASSES}")
-        (uncertain if flag.strip() == "1" and difficult != "present" else present).add(VOC_CLASSES.index(name.strip()))
+        is_difficult = obj.findtext("difficult", "0").strip() == "1"
+        target = uncertain if is_difficult and difficult != "present" else present
+        target.add(VOC_CLASSES.index(name.strip()))
     labels = torch.zeros(len(VOC_CLASSES), dtype=torch.long)
     if difficult == "unknown":
         labels[list(uncertain)] = -1
