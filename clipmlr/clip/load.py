@@ -8,6 +8,8 @@ import hashlib
 import http.client
 import os
 import urllib.error
+import warnings
+import zipfile
 
 import torch
 
@@ -74,12 +76,28 @@ def download(name, root="weights", url=None, progress=True):
     return path
 
 
-def read_state_dict(path):
-    """Reads a TorchScript archive (OpenAI's format) or a plain state dict saved with torch.save."""
+def is_torchscript(path):
+    """True for a TorchScript archive (a zip holding code/ and constants.pkl), False for anything else."""
     try:
-        return torch.jit.load(path, map_location="cpu").state_dict()
-    except Exception:  # not a TorchScript archive: try a plain state dict
-        pass
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_state_dict(path):
+    """Reads a TorchScript archive (OpenAI's format) or a plain state dict saved with torch.save.
+
+    torch 2.x warns that torch.jit.load is deprecated; OpenAI's files are TorchScript archives and nothing
+    else reads them, so that one warning is silenced here (and only for those files).
+    """
+    if is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+                return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:  # a damaged archive: the plain reader below reports it
+            pass
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

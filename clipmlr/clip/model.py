@@ -215,9 +215,10 @@ class CLIP(nn.Module):
     def embed_dim(self):
         return self.text_projection.shape[1]
 
-    def causal_mask(self, t, device):
-        """(T, T) additive mask: -inf above the diagonal, so token i sees tokens 0..i only."""
-        return torch.full((t, t), float("-inf"), device=device).triu(1)
+    def causal_mask(self, t, device, dtype=torch.float32):
+        """(T, T) additive mask: -inf above the diagonal, so token i sees tokens 0..i only. In the dtype of the
+        activations: attention refuses (or mis-reads) a float mask of another float type."""
+        return torch.full((t, t), float("-inf"), device=device, dtype=dtype).triu(1)
 
     def encode_image(self, image):
         """(B, 3, S, S) normalised images -> (B, D) pooled image features (not normalised)."""
@@ -237,7 +238,7 @@ class CLIP(nn.Module):
             x = x[:, : int(eot.max()) + 1]  # (B, T', W)
         t = x.shape[1]
         x = x + self.positional_embedding[:t].to(x.dtype)
-        x = self.transformer(x, self.causal_mask(t, x.device))
+        x = self.transformer(x, self.causal_mask(t, x.device, x.dtype))
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, W) at each EOT token
         return x @ self.text_projection.to(x.dtype)
