@@ -26,17 +26,20 @@ import tempfile
 import time
 
 import torch
+from PIL import Image
 
+from clipmlr.analysis.commands import encoder
+from clipmlr.analysis.templates import COCO_CLASSES
+from clipmlr.cache import encode_split, weights_fingerprint
 from clipmlr.clip.model import CLIP
-from clipmlr.data import VOC_CLASSES, ImageDataset, image_transform
+from clipmlr.data import VOC_CLASSES, ImageDataset, check_decodable, image_transform, read_image
 from clipmlr.demo import DEMO_CLASSES, demo_split, tiny_clip
-from clipmlr.features import encode_images, encode_split
 from clipmlr.heads import HEADS, Prompts, build_head, parameter_groups
 from clipmlr.loss import asymmetric_loss
 from clipmlr.metrics import mean_average_precision
-from clipmlr.templates import COCO_CLASSES
 
 VOC_RUN = {"train": 5011, "test": 4952, "epochs": 50}  # the paper's VOC2007 protocol (trainval, test)
+COCO_IMAGES = 82_081 + 40_137  # train2014 + val2014 images with at least one object (what run.py reads)
 
 
 def rn101():
@@ -81,10 +84,11 @@ def bench_image_encoder(model, size, batch, reps, device):
     images = torch.randn(batch, 3, size, size)
     if device.type == "cuda":
         images = images.pin_memory()  # as the DataLoader hands them over
+    encode = encoder(model, device)
 
     def run():
         with torch.inference_mode():
-            encode_images(model, images, device)
+            encode(images)
     return {"images_per_s": batch / timed(run, device, reps) * 1000, "batch": batch, "size": size}
 
 
@@ -112,8 +116,9 @@ def bench_text_encoder(model, classnames, n_ctx, reps, device):
 def bench_train_steps(model, classnames, size, batch, reps, device):
     """ms per training step of every head: cached (B, L, D) fp16 features vs (B, 3, S, S) images + encoder."""
     images = torch.randn(batch, 3, size, size)
+    encode = encoder(model, device)
     with torch.inference_mode():
-        cached = encode_images(model, images[:1], device).half().cpu()
+        cached = encode(images[:1]).half().cpu()
     cached = cached.expand(batch, -1, -1).clone()  # (B, L, D) fp16, as a cached batch arrives
     if device.type == "cuda":
         images, cached = images.pin_memory(), cached.pin_memory()
@@ -133,9 +138,7 @@ def bench_train_steps(model, classnames, size, batch, reps, device):
             optimizer.step()
 
         def in_loop():
-            with torch.no_grad():
-                features = encode_images(model, images, device)
-            step(features)
+            step(encode(images))
         out[name] = {"ms_cached": timed(lambda: step(cached.to(device, non_blocking=True).float()), device, reps),
                      "ms_in_loop": timed(in_loop, device, max(1, reps // 3), warmup=0)}  # encoder warmed up
         if device.type == "cuda":  # the head's forward (text encoder included) under bf16 autocast too
@@ -154,14 +157,16 @@ def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
     head = build_head("positive", model, DEMO_CLASSES)
     optimizer = torch.optim.SGD(parameter_groups(head, 0.002, 1.0, 0.01), momentum=0.9)
 
-    def epoch(data):
+    encode = encoder(model, device)
+
+    def epoch(data, cached):
         t0 = time.perf_counter()
-        data.set_epoch(0)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=data.workers,
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=0 if cached else workers,
                                              pin_memory=device.type == "cuda")
         total = torch.zeros((), device=device)
         for x, targets, _ in loader:
-            loss = asymmetric_loss(head(data.to_features(x)), targets.to(device, non_blocking=True))
+            features = x.to(device, non_blocking=True).float() if cached else encode(x)  # as run.py does
+            loss = asymmetric_loss(head(features), targets.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -169,20 +174,19 @@ def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
         total.item()  # one sync per epoch, as in run.py
         return time.perf_counter() - t0
 
-    key = {"clip": "random-tiny", "clip_sha256": None, "data": "demo", "image_size": size, "data_root": "bench",
-           "split": "train", "view": "augmented"}
-    encode = dict(model=model, device=device, batch_size=batch, workers=workers)
-    in_loop = encode_split(train, None, **encode)
-    s_in_loop = min(epoch(in_loop) for _ in range(epochs))  # each epoch starts its workers, as in run.py
+    key = {"clip": "random-tiny", "clip_sha256": None, "weights": weights_fingerprint(model), "data": "demo",
+           "image_size": size, "data_root": "bench", "split": "train", "view": "augmented"}
+    build = dict(encode=encode, batch_size=batch, workers=workers)
+    s_in_loop = min(epoch(train, False) for _ in range(epochs))  # each epoch starts its workers, as in run.py
     with tempfile.TemporaryDirectory() as cache_dir:
         t0 = time.perf_counter()
-        encode_split(train, views, cache_dir=cache_dir, key=key, **encode)
+        encode_split(train, views, cache_dir=cache_dir, key=key, **build)
         s_build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stored = encode_split(train, views, cache_dir=cache_dir, key=key, **encode)  # a later run: reads the key
+        stored = encode_split(train, views, cache_dir=cache_dir, key=key, **build)  # a later run: reads the key
         s_open = time.perf_counter() - t0
-        epoch(stored)  # warm-up
-        s_cached = min(epoch(stored) for _ in range(3))
+        epoch(stored, True)  # warm-up
+        s_cached = min(epoch(stored, True) for _ in range(3))
     return {"images": n, "size": size, "views": views, "batch": batch, "workers": workers, "s_in_loop": s_in_loop,
             "s_cached": s_cached, "s_build": s_build, "s_open_cache": s_open, "speedup": s_in_loop / s_cached}
 
@@ -197,6 +201,31 @@ def bench_map(n=40_504, classes=80, reps=3):
     for _ in range(reps):
         mean_average_precision(scores, targets)
     return (time.perf_counter() - t0) / reps
+
+
+def bench_decode_check(n=48, size=(640, 480)):
+    """The up-front check that every image decodes (run.py without the cache), on COCO-sized JPEGs (640 x 480):
+    ms per image in one process, beside a full decode, and the projection for COCO2014's images over this
+    machine's cores."""
+    from PIL import ImageFilter
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(n):
+            noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g).numpy()
+            path = os.path.join(folder, f"{i}.jpg")
+            Image.fromarray(noise).filter(ImageFilter.GaussianBlur(2)).save(path, quality=90)  # a photo's size
+            paths.append(path)
+        t0 = time.perf_counter()
+        check_decodable(paths, workers=0)
+        ms_check = 1000 * (time.perf_counter() - t0) / n
+        t0 = time.perf_counter()
+        for p in paths:
+            read_image(p)
+        ms_full = 1000 * (time.perf_counter() - t0) / n
+    cores = os.cpu_count() or 1
+    return {"ms_per_image": ms_check, "ms_full_decode": ms_full, "images": n, "cores": cores,
+            "coco_seconds": COCO_IMAGES * ms_check / 1000 / cores}
 
 
 def bench_transform(size, n=16):
@@ -267,6 +296,7 @@ def main(argv=None):
         ("train_step", lambda: bench_train_steps(model, VOC_CLASSES, 448, step_batch, step_reps, device)),
         ("demo_epoch", lambda: bench_demo_epoch(*demo[:3], demo[3], args.workers, device, demo[4])),
         ("transform_ms_per_image", lambda: bench_transform(448)),
+        ("decode_check", bench_decode_check),
         ("map_seconds_coco", bench_map),
     ]
     results["train_step_batch"], results["peak_mb"], results["seconds"] = step_batch, {}, {}
@@ -316,6 +346,10 @@ def print_table(r):
          f"{demo['s_build']:.2f} / {demo['s_open_cache']:.3f} s",
          f"peak {peak['demo_epoch']:.0f} MB"),
         ("training transform at 448 px (one core)", f"{r['transform_ms_per_image']:.1f} ms/image", ""),
+        ("decoding check, 640x480 JPEG (one core): check / full decode",
+         f"{r['decode_check']['ms_per_image']:.2f} / {r['decode_check']['ms_full_decode']:.2f} ms",
+         f"COCO2014's {COCO_IMAGES:,} images: {r['decode_check']['coco_seconds']:.0f} s on "
+         f"{r['decode_check']['cores']} cores"),
         ("mAP of 40,504 images x 80 classes (COCO val2014's size)", f"{r['map_seconds_coco']:.2f} s", ""),
     ]
     if "voc_projection" in r:

@@ -6,6 +6,7 @@ dense features, downloads); run.py end to end (demo, VOC and COCO trees, bad inp
 corrupt files, torchrun); the feature cache; the analyses. Expected values are computed independently of the code
 under test (by hand, from the formula, or from the model's own weights with plain torch ops).
 """
+import ast
 import copy
 import csv
 import gzip
@@ -14,6 +15,7 @@ import http.server
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -35,7 +37,7 @@ from torch import nn
 
 import clipmlr.clip as clip
 import run
-from clipmlr import analysis, features as cache_features
+from clipmlr import analysis, cache as cache_features, cli
 from clipmlr.aggregation import aggregate, prompt_logits
 from clipmlr.checkpoint import save_atomic
 from clipmlr.clip import build_model, CLIP, tokenize
@@ -45,10 +47,11 @@ from clipmlr.demo import demo_split, tiny_clip
 from clipmlr.heads import build_head, count_trainable, parameter_groups, Prompts
 from clipmlr.loss import asymmetric_loss
 from clipmlr.metrics import average_precision, mean_average_precision
-from clipmlr.plots import figure_size
-from clipmlr.similarity import negation_similarities, negation_summary, similarity_maps
-from clipmlr.sweep import PAPER_AVERAGE, PAPER_TABLE1, PROPORTIONS, sweep_table
-from clipmlr.templates import COCO_CLASSES, negated, TEMPLATES
+from clipmlr.analysis import sweep as sweep_module
+from clipmlr.analysis.plots import figure_size
+from clipmlr.analysis.similarity import negation_similarities, negation_summary, similarity_maps
+from clipmlr.analysis.sweep import PAPER_AVERAGE, PAPER_TABLE1, PROPORTIONS, sweep_table
+from clipmlr.analysis.templates import COCO_CLASSES, negated, TEMPLATES
 
 
 # ------------------------------------------------------------------ aggregation, heads, loss, masking, mAP
@@ -1149,7 +1152,7 @@ def test_bad_input_is_one_clear_message(tmp_path):
 
 def test_no_network_download_is_a_clear_error(tmp_path, monkeypatch):
     """--download with no reachable server: one sentence naming the folder, no traceback."""
-    import clipmlr.data as data
+    import clipmlr.download as data
     monkeypatch.setitem(data.COCO_URLS, "zips/train2014.zip", "0" * 32)
     monkeypatch.setattr(data, "download_and_extract_archive",
                         lambda *a, **k: (_ for _ in ()).throw(OSError("[Errno -3] no network")))
@@ -1177,7 +1180,7 @@ def test_download_datasets_from_a_local_server(tmp_path, server, monkeypatch):
     """--download through the real code (torchvision's download, md5 check and extraction), served on 127.0.0.1."""
     import hashlib
     import torchvision.datasets.voc as tv_voc
-    import clipmlr.data as data
+    import clipmlr.download as data
     made = tmp_path / "made"
     _make_voc(str(made / "voc"))
     _make_coco(str(made / "coco"))
@@ -1264,8 +1267,9 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
         assert run.main([*argv, "--resume", *change]) == 2
         err = capsys.readouterr().err
         assert "different settings" in err and word in err, err
-    assert run.main([*SMALL, "--out", str(tmp_path / "none"), "--resume"]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+    # --resume where nothing was saved yet (a run stopped in its first epoch) starts at epoch 1, saying so
+    assert run.main([*argv, "--out", str(tmp_path / "none"), "--resume"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out and (tmp_path / "none" / "results.json").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -1372,7 +1376,7 @@ def test_malformed_coco_annotations_are_named(tmp_path, content, message):
 
 def test_sharded_cache_progress_records_are_merged(tmp_path):
     """A killed sharded build left one progress record per rank; resuming takes the union of them."""
-    from clipmlr.features import merged_progress, write_done
+    from clipmlr.cache import merged_progress, write_done
     base = np.array([[1, 0, 0, 0]], dtype=np.uint8)
     write_done(str(tmp_path / "done.rank0.npy"), np.array([[1, 1, 0, 0]], dtype=np.uint8))
     write_done(str(tmp_path / "done.rank1.npy"), np.array([[0, 0, 0, 1]], dtype=np.uint8))
@@ -1430,9 +1434,18 @@ def demo():
     return images, labels, model, direct
 
 
-def key_for(split="test", view="plain", sha="a" * 64, size=SIZE):
-    return {"clip": "test", "clip_sha256": sha, "data": "demo", "image_size": size, "data_root": "/nowhere",
-            "split": split, "view": view}
+def key_for(split="test", view="plain", sha="a" * 64, size=SIZE, model=None):
+    key = {"clip": "test", "clip_sha256": sha, "data": "demo", "image_size": size, "data_root": "/nowhere",
+           "split": split, "view": view}
+    return key if model is None else {**key, "weights": cache_features.weights_fingerprint(model)}
+
+
+def enc(model):
+    """The frozen encoder as run.py calls it on the CPU: images -> fp32 dense features, no graph."""
+    def encode(images):
+        with torch.no_grad():
+            return model.encode_dense(images).float()
+    return encode
 
 
 def dataset(demo, train=False):
@@ -1481,19 +1494,18 @@ def test_prompts_at_true_length_equal_77_tokens():
 
 def test_cached_features_equal_direct_encoding(demo, tmp_path):
     *_, model, direct = demo
-    stored = cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path,
+    stored = cache_features.encode_split(dataset(demo), 1, enc(model), batch_size=10, workers=0, cache_dir=tmp_path,
                             key=key_for())
     assert stored.features.shape == (1, N, *direct.shape[1:]) and stored.features.dtype == np.float16
     cached = torch.from_numpy(np.array(stored.features[0])).float()
     torch.testing.assert_close(cached, direct, rtol=2e-3, atol=2e-3 * direct.abs().max().item())  # fp16 storage
     features, labels, index = stored[5]
     assert torch.equal(features, cached[5].half()) and torch.equal(labels, demo[1][5]) and index == 5
-    assert stored.to_features(features[None]).dtype == torch.float32
     # in memory (no cache_dir): the same bytes; a second run reuses the disk cache without encoding anything
-    in_memory = cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0)
+    in_memory = cache_features.encode_split(dataset(demo), 1, enc(model), batch_size=10, workers=0)
     assert np.array_equal(in_memory.features, stored.features)
     calls = count_calls(model)
-    again = cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path,
+    again = cache_features.encode_split(dataset(demo), 1, enc(model), batch_size=10, workers=0, cache_dir=tmp_path,
                            key=key_for())
     del model.encode_dense
     assert calls["n"] == 0 and np.array_equal(again.features, stored.features)
@@ -1502,10 +1514,10 @@ def test_cached_features_equal_direct_encoding(demo, tmp_path):
 
 def test_augmented_views_reproducible_and_served_by_epoch(demo, tmp_path):
     *_, model, direct = demo
-    cached = cache_features.encode_split(dataset(demo, train=True), 3, model, CPU, batch_size=8, workers=0,
+    cached = cache_features.encode_split(dataset(demo, train=True), 3, enc(model), batch_size=8, workers=0,
                             cache_dir=tmp_path, key=key_for("train", "augmented"))
     # another pass, in 2 worker processes: each view is a function of (view, image) alone
-    again = cache_features.encode_split(dataset(demo, train=True), 3, model, CPU, batch_size=8, workers=2)
+    again = cache_features.encode_split(dataset(demo, train=True), 3, enc(model), batch_size=8, workers=2)
     assert np.array_equal(np.asarray(cached.features), again.features)
     views = torch.from_numpy(np.array(cached.features)).float()  # (K, N, L, D)
     for a, b in [(0, 1), (0, 2), (1, 2)]:
@@ -1519,27 +1531,27 @@ def test_augmented_views_reproducible_and_served_by_epoch(demo, tmp_path):
 @pytest.mark.parametrize("field, value", [("clip_sha256", "b" * 64), ("image_size", 96)])
 def test_cache_of_another_checkpoint_or_resolution_is_never_used(demo, tmp_path, field, value):
     *_, model, direct = demo
-    cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path, key=key_for())
+    cache_features.encode_split(dataset(demo), 1, enc(model), batch_size=10, workers=0, cache_dir=tmp_path, key=key_for())
     other = {**key_for(), field: value}
     # another checkpoint gets its own folder: built afresh, not read from the first one
     calls = count_calls(model)
-    cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path, key=other)
+    cache_features.encode_split(dataset(demo), 1, enc(model), batch_size=10, workers=0, cache_dir=tmp_path, key=other)
     del model.encode_dense
     assert calls["n"] > 0 and len(os.listdir(tmp_path)) == 2
     # a folder copied under the other key's name (or a hash collision) is refused, naming the field
-    target = cache_features.cache_folder(tmp_path, cache_features.cache_key(other, dataset(demo), model, 1))
-    source = cache_features.cache_folder(tmp_path, cache_features.cache_key(key_for(), dataset(demo), model, 1))
+    target = cache_features.cache_folder(tmp_path, cache_features.cache_key(other, dataset(demo), 1))
+    source = cache_features.cache_folder(tmp_path, cache_features.cache_key(key_for(), dataset(demo), 1))
     shutil.rmtree(target)
     shutil.copytree(source, target)
     with pytest.raises(ValueError, match=f"{field}=.*delete that folder"):
-        cache_features.encode_split(dataset(demo), 1, model, CPU, batch_size=10, workers=0, cache_dir=tmp_path, key=other)
+        cache_features.encode_split(dataset(demo), 1, enc(model), batch_size=10, workers=0, cache_dir=tmp_path, key=other)
 
 
 def test_cache_of_another_transform_is_never_used(demo, tmp_path):
     """The same caller key with another transform (say, augmentation switched on) gets its own folder."""
     *_, model, _ = demo
-    plain = cache_features.encode_split(dataset(demo), 1, model, CPU, 10, 0, cache_dir=tmp_path, key=key_for("train"))
-    augmented = cache_features.encode_split(dataset(demo, train=True), 1, model, CPU, 10, 0, cache_dir=tmp_path,
+    plain = cache_features.encode_split(dataset(demo), 1, enc(model), 10, 0, cache_dir=tmp_path, key=key_for("train"))
+    augmented = cache_features.encode_split(dataset(demo, train=True), 1, enc(model), 10, 0, cache_dir=tmp_path,
                                key=key_for("train"))
     assert len(os.listdir(tmp_path)) == 2 and not np.array_equal(plain.features, augmented.features)
 
@@ -1548,28 +1560,34 @@ def test_cache_refuses_to_fill_the_disk(demo, tmp_path, monkeypatch):
     *_, model, _ = demo
     monkeypatch.setattr(cache_features.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=10**12, free=1000))
     with pytest.raises(ValueError, match="cache-views"):
-        cache_features.encode_split(dataset(demo), 1, model, CPU, 10, 0, cache_dir=tmp_path, key=key_for())
+        cache_features.encode_split(dataset(demo), 1, enc(model), 10, 0, cache_dir=tmp_path, key=key_for())
 
 
 def test_random_model_is_fingerprinted(demo, tmp_path):
     """Without a checkpoint sha256 (the demo's random CLIP) the key holds a hash of the weights."""
     *_, model, _ = demo
-    unnamed = key_for(sha=None)
-    first = cache_features.encode_split(dataset(demo), 1, model, CPU, 10, 0, cache_dir=tmp_path, key=unnamed)
     other = tiny_clip(resolution=SIZE, seed=1)
-    second = cache_features.encode_split(dataset(demo), 1, other, CPU, 10, 0, cache_dir=tmp_path, key=unnamed)
+    args = cli.parse_args(["--data", "demo"])
+    keys = [cli.feature_key(args, {"name": "random-tiny", "sha256": None}, m) for m in (model, other)]
+    assert keys[0]["weights"] != keys[1]["weights"]  # run.py's key names an unsaved model by its weights
+    assert "weights" not in cli.feature_key(args, {"name": "x.pt", "sha256": "a" * 64}, model)
+    with pytest.raises(AssertionError, match="names the CLIP"):  # a key that names no weights at all
+        cache_features.cache_key(key_for(sha=None), dataset(demo), 1)
+    mine, theirs = key_for(sha=None, model=model), key_for(sha=None, model=other)
+    first = cache_features.encode_split(dataset(demo), 1, enc(model), 10, 0, cache_dir=tmp_path, key=mine)
+    second = cache_features.encode_split(dataset(demo), 1, enc(other), 10, 0, cache_dir=tmp_path, key=theirs)
     assert len(os.listdir(tmp_path)) == 2 and not np.array_equal(first.features, second.features)
-    target = cache_features.cache_folder(tmp_path, cache_features.cache_key(unnamed, dataset(demo), other, 1))
+    target = cache_features.cache_folder(tmp_path, cache_features.cache_key(theirs, dataset(demo), 1))
     shutil.rmtree(target)
-    shutil.copytree(cache_features.cache_folder(tmp_path, cache_features.cache_key(unnamed, dataset(demo), model, 1)), target)
+    shutil.copytree(cache_features.cache_folder(tmp_path, cache_features.cache_key(mine, dataset(demo), 1)), target)
     with pytest.raises(ValueError, match="weights="):
-        cache_features.encode_split(dataset(demo), 1, other, CPU, 10, 0, cache_dir=tmp_path, key=unnamed)
+        cache_features.encode_split(dataset(demo), 1, enc(other), 10, 0, cache_dir=tmp_path, key=theirs)
 
 
 def test_interrupted_cache_build_resumes(demo, tmp_path):
     *_, model, _ = demo
     key = key_for("train", "augmented")
-    reference = cache_features.encode_split(dataset(demo, True), 2, model, CPU, 5, 0, cache_dir=tmp_path / "a", key=key)
+    reference = cache_features.encode_split(dataset(demo, True), 2, enc(model), 5, 0, cache_dir=tmp_path / "a", key=key)
     chunks = 2 * -(-N // 5)  # 2 views of 4 chunks (5 + 5 + 5 + 1 images)
 
     calls = count_calls(model)  # the first call is the shape probe, then one per chunk
@@ -1581,14 +1599,14 @@ def test_interrupted_cache_build_resumes(demo, tmp_path):
         return original(images)
     model.encode_dense = failing
     with pytest.raises(KeyboardInterrupt):
-        cache_features.encode_split(dataset(demo, True), 2, model, CPU, 5, 0, cache_dir=tmp_path / "b", key=key)
-    folder = cache_features.cache_folder(tmp_path / "b", cache_features.cache_key(key, dataset(demo, True), model, 2))
+        cache_features.encode_split(dataset(demo, True), 2, enc(model), 5, 0, cache_dir=tmp_path / "b", key=key)
+    folder = cache_features.cache_folder(tmp_path / "b", cache_features.cache_key(key, dataset(demo, True), 2))
     assert np.load(os.path.join(folder, "done.npy")).sum() == 3
     assert '"complete": false' in open(os.path.join(folder, "meta.json")).read()
     # resumed with another batch size: the first attempt's chunk grid is kept, finished chunks are not redone
     calls["n"] = 0
     model.encode_dense = original
-    resumed = cache_features.encode_split(dataset(demo, True), 2, model, CPU, 7, 0, cache_dir=tmp_path / "b", key=key)
+    resumed = cache_features.encode_split(dataset(demo, True), 2, enc(model), 7, 0, cache_dir=tmp_path / "b", key=key)
     del model.encode_dense
     assert calls["n"] == chunks - 3
     assert np.array_equal(np.asarray(resumed.features), np.asarray(reference.features))
@@ -1605,7 +1623,7 @@ def test_killed_cache_build_resumes(demo, tmp_path):
         import sys, time, numpy as np, torch
         from PIL import Image
         sys.path.insert(0, {REPO!r})
-        from clipmlr import features as cache_features
+        from clipmlr import cache as cache_features
         from clipmlr.data import ImageDataset, image_transform
         from clipmlr.demo import tiny_clip
         model = tiny_clip(resolution={SIZE})
@@ -1617,12 +1635,12 @@ def test_killed_cache_build_resumes(demo, tmp_path):
         model.encode_dense = encode
         images = [Image.fromarray(a) for a in np.load({str(tmp_path / "images.npy")!r})]
         data = ImageDataset(images, torch.load({str(tmp_path / "labels.pt")!r}), image_transform({SIZE}, True))
-        cache_features.encode_split(data, 2, model, torch.device("cpu"), 4, 0, cache_dir={str(tmp_path / "b")!r},
+        cache_features.encode_split(data, 2, lambda x: model.encode_dense(x).float(), 4, 0, cache_dir={str(tmp_path / "b")!r},
                        key={key_for("train", "augmented")!r})
     """)
     images = [Image.fromarray(np.asarray(im)) for im in images]  # what the child sees
     data = ImageDataset(images, labels, image_transform(SIZE, True))
-    folder = cache_features.cache_folder(tmp_path / "b", cache_features.cache_key(key_for("train", "augmented"), data, model, 2))
+    folder = cache_features.cache_folder(tmp_path / "b", cache_features.cache_key(key_for("train", "augmented"), data, 2))
     child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 60
@@ -1639,10 +1657,10 @@ def test_killed_cache_build_resumes(demo, tmp_path):
     done = int(np.load(os.path.join(folder, "done.npy")).sum())
     assert 2 <= done < 8, f"the child finished {done} of 8 chunks before it was killed"
     calls = count_calls(model)
-    resumed = cache_features.encode_split(data, 2, model, CPU, 4, 0, cache_dir=tmp_path / "b", key=key_for("train", "augmented"))
+    resumed = cache_features.encode_split(data, 2, enc(model), 4, 0, cache_dir=tmp_path / "b", key=key_for("train", "augmented"))
     del model.encode_dense
     assert calls["n"] == 8 - done
-    reference = cache_features.encode_split(data, 2, model, CPU, 4, 0)
+    reference = cache_features.encode_split(data, 2, enc(model), 4, 0)
     assert np.array_equal(np.asarray(resumed.features), reference.features)
 
 
@@ -1654,9 +1672,9 @@ DEMO_ARGS = ["--data", "demo", "--demo-images", "24", "--image-size", "64", "--w
 
 def _demo_clip():
     """The demo's miniature CLIP exactly as the analysis commands (and run.py) load it for DEMO_ARGS."""
-    args = run.parse_args(DEMO_ARGS)
-    data = run.load_data(args)
-    return run.load_clip(args, data[0])[0], data
+    args = cli.parse_args(DEMO_ARGS)
+    data = cli.load_data(args)
+    return cli.load_clip(args, data[0])[0], data
 
 
 def _unit_text(model, prompts):
@@ -1721,7 +1739,7 @@ def test_negation_command_table(tmp_path):
 
 def test_zero_shot_matches_direct_computation(tmp_path, monkeypatch):
     model, data = _demo_clip()
-    monkeypatch.setattr(run, "load_data", lambda args: data)  # the very same images (and calibration) below
+    monkeypatch.setattr(cli, "load_data", lambda args, say=print: data)  # the very same images (and calibration)
     assert analysis.main(["zeroshot", *DEMO_ARGS, "--no-cache-features", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     _, _, test, test_y, names = data
@@ -1730,7 +1748,8 @@ def test_zero_shot_matches_direct_computation(tmp_path, monkeypatch):
         features = model.encode_dense(torch.stack([transform(im) for im in test]))
         presence = model.encode_text(tokenize([f"a photo of a {n}." for n in names]))
         absence = model.encode_text(tokenize([f"not a photo of a {n}." for n in names]))
-        scores = torch.softmax(prompt_logits(features, presence, absence), dim=-1)[..., 0]
+        logits = prompt_logits(features, presence, absence)
+        scores = logits[..., 0] - logits[..., 1]  # ranked by the margin, as the heads are
     assert result["map"] == pytest.approx(mean_average_precision(scores, test_y), abs=1e-3)
     assert 0 <= result["map"] <= 100 and result["clip"]["name"] == "random-tiny"
     assert "random miniature CLIP" in (tmp_path / "table.md").read_text()
@@ -1778,12 +1797,13 @@ def test_sweep_restart_skips_done_runs(demo_sweep, monkeypatch, capsys):
     saved = (finished / "results.json").read_text()
     (finished / "results.json").unlink()  # as if killed after its checkpoint, before its results
 
-    def fake_main(run_argv):  # records the call and puts the results back instead of training
+    def fake_train(script, run_argv):  # records the call and puts the results back instead of training
         calls.append(run_argv)
+        assert os.path.samefile(script, os.path.join(ROOT, "run.py"))
         (finished / "results.json").write_text(saved)
         return 0
 
-    monkeypatch.setattr(run, "main", fake_main)
+    monkeypatch.setattr(sweep_module, "train", fake_train)
     assert analysis.main(argv) == 0
     assert len(calls) == 1 and calls[0][-1] == "--resume" and str(finished) in calls[0]
     assert capsys.readouterr().out.count("is done, skipped") == 3
@@ -1834,3 +1854,391 @@ def test_similarity_maps_are_cosines():
 def test_sweep_rejects_bad_labels(capsys):
     assert analysis.main(["sweep", "--labels", "0.5", "1.5", *DEMO_ARGS]) == 2
     assert "--labels 1.5" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a number you can trust: ranking, loss digits
+
+
+def _ap_sklearn_style(scores, labels):
+    """Average precision as scikit-learn defines it, written out here: Σ_k (R_k − R_{k−1}) · P_k over the
+    distinct score thresholds from the highest down (tied scores enter together)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    positives = (labels == 1).sum()
+    ap, recall_before = 0.0, 0.0
+    for threshold in sorted(set(scores.tolist()), reverse=True):
+        above = scores >= threshold
+        tp = int((labels[above] == 1).sum())
+        precision, recall = tp / int(above.sum()), tp / positives
+        ap += (recall - recall_before) * precision
+        recall_before = recall
+    return ap
+
+
+def test_evaluation_ranks_by_margin_whatever_the_order_of_the_test_images():
+    """A head whose logits saturate the fp32 softmax (as trained heads do: logits reach ±100) scores the same
+    mAP under any order of the test images, equal to scikit-learn's AP on the logit margins."""
+    torch.manual_seed(0)
+    clip = _small_clip(embed_dim=8)
+    head = build_head("baseline", clip, ["a", "b", "c"])
+    with torch.no_grad():
+        head.proj.weight.mul_(400.0)  # logits of many tens: the softmax is exactly 1.0 or 0.0 for most images
+    n = 60
+    features = torch.randn(n, 5, 8)
+    targets = torch.randint(0, 2, (n, 3))
+    targets[0] = 1  # every class has a positive
+
+    def scores(order):
+        data = cache_features.Stored(features[order].half().numpy()[None], targets[order])
+        margins = run.evaluate(head, data, lambda batch: batch.float(), batch_size=16, workers=0)
+        return margins[torch.argsort(order)]  # back in the original order of the images
+
+    with torch.no_grad():
+        logits = head(features.half().float())
+    probabilities = torch.softmax(logits, dim=-1)[..., 0]
+    assert ((probabilities == 1.0) | (probabilities == 0.0)).float().mean() > 0.5  # saturated: ties galore
+    identity, reverse = torch.arange(n), torch.arange(n).flip(0)
+    # ranked by the probability, the mAP would depend on the order of the images ...
+    by_probability = [average_precision(probabilities[o], targets[o]) for o in (identity, reverse)]
+    assert not np.allclose(*by_probability)
+    # ... ranked by the margin it does not, and it is scikit-learn's AP of the margins
+    margins = scores(identity)
+    assert torch.allclose(margins, logits[..., 0] - logits[..., 1])
+    assert margins.unique().numel() == margins.numel()  # no two margins tie
+    expected = [_ap_sklearn_style(margins[:, c], targets[:, c]) for c in range(3)]
+    for order in (identity, reverse, torch.randperm(n)):
+        got = average_precision(scores(order)[order], targets[order])
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def _asl_float64(logits, targets, gamma_pos=1.0, gamma_neg=2.0, clip=0.05, eps=1e-6):
+    """The asymmetric loss written independently, in float64, with sigmoids of the margin in place of the
+    softmax: p = σ(l0 − l1), q = σ(l1 − l0)."""
+    logits = logits.double()
+    d = logits[..., 0] - logits[..., 1]
+    p, q = torch.sigmoid(d), torch.sigmoid(-d)
+    qc = torch.clamp(q + clip, max=1.0)
+    positive_term = -((1 - p).detach() ** gamma_pos) * torch.log(torch.clamp(p, min=eps))
+    negative_term = -((1 - qc).detach() ** gamma_neg) * torch.log(torch.clamp(qc, min=eps))
+    zero = torch.zeros_like(d)
+    return torch.where(targets == 1, positive_term, torch.where(targets == 0, negative_term, zero)).sum()
+
+
+def test_asymmetric_loss_gradients_match_a_float64_formulation():
+    """Values and gradients to 1e-6 relative, saturated logits included; float64 input stays float64."""
+    g = torch.Generator().manual_seed(0)
+    moderate = torch.rand(64, 20, 2, generator=g) * 40 - 20  # margins up to ±40
+    saturated = torch.rand(16, 20, 2, generator=g) * 200 - 100  # the range a trained head reaches
+    near_one = torch.stack([torch.rand(16, 20, generator=g) * 12 + 6, torch.zeros(16, 20)], dim=-1)  # p near 1
+    logits = torch.cat([moderate, saturated, near_one])
+    targets = torch.randint(-1, 2, logits.shape[:2], generator=g)
+    reference = logits.double().requires_grad_()
+    _asl_float64(reference, targets).backward()
+    x = logits.clone().requires_grad_()
+    value = asymmetric_loss(x, targets)
+    value.backward()
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(_asl_float64(logits, targets).item(), rel=1e-6)
+    scale = reference.grad.abs().max()
+    assert ((x.grad.double() - reference.grad).abs().max() / scale).item() <= 1e-6
+    # in float64 the loss computes in float64: it agrees with the reference to float64's digits
+    x64 = logits.double().requires_grad_()
+    value64 = asymmetric_loss(x64, targets)
+    value64.backward()
+    assert value64.dtype == torch.float64
+    assert ((x64.grad - reference.grad).abs().max() / scale).item() <= 1e-12
+    # half-precision logits are computed in float32, not below
+    assert asymmetric_loss(logits.half(), targets).dtype == torch.float32
+
+
+def test_text_encoder_in_float64_matches_float32():
+    """The causal mask is built in the model's dtype: a float64 model gives float32's text features."""
+    model = _small_clip()
+    ids = tokenize(["a photo of a dog", "not a photo of a cat", "x"])
+    with torch.no_grad():
+        single = model.encode_text(ids, truncate=False).double()
+        double = copy.deepcopy(model).double().encode_text(ids, truncate=False)
+    assert double.dtype == torch.float64
+    assert ((double - single).abs().max() / single.abs().max()).item() < 1e-5
+
+
+# ------------------------------------------------------------------ failures: one line, exit 2, nothing left behind
+
+
+def _broken_jpeg(path):
+    """A JPEG cut in half: its header is valid, only a decode finds it truncated."""
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _tiny_voc_run(tmp_path, *extra):
+    root = tmp_path / "voc"
+    voc = _make_voc(str(root))
+    argv = ["--head", "positive", "--data", "voc", "--data-root", str(root), "--clip", _tiny_checkpoint(tmp_path / "t.pt"),
+            "--image-size", "64", "--epochs", "2", "--batch-size", "2", "--cache-views", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), *extra]
+    return voc, argv
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_unreadable_image_is_one_line_before_the_first_epoch(tmp_path, cached):
+    """With worker processes (the default 2), a truncated test image stops the run before training starts,
+    with one line naming it, exit status 2, and no run folder."""
+    voc, argv = _tiny_voc_run(tmp_path, "--cache-features" if cached else "--no-cache-features", "--workers", "2")
+    _broken_jpeg(os.path.join(voc, "JPEGImages", "000002.jpg"))
+    code, out, err = _run_cli(*argv, cwd=str(tmp_path))
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "000002.jpg" in lines[0] and "Traceback" not in err, err
+    assert "epoch   1" not in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_decoding_check_names_every_kind_of_broken_image(tmp_path):
+    from clipmlr.data import check_decodable
+    good = tmp_path / "good.jpg"
+    _jpeg(str(good), (10, 200, 30))
+    check_decodable([str(good)] * 3, workers=0)
+    buf = good.read_bytes()
+    for name, content in (("empty.jpg", b""), ("text.jpg", b"not an image at all"), ("cut.jpg", buf[: len(buf) // 2])):
+        (tmp_path / name).write_bytes(content)
+        for workers in (0, 2):
+            with pytest.raises(DataError, match=f"1 of 3 images do not decode; the first: cannot read the image .*{name}"):
+                check_decodable([str(good), str(tmp_path / name), str(good)], workers=workers)
+
+
+@pytest.mark.parametrize("option", ["--out", "--cache-dir"])
+def test_unwritable_output_folder_fails_first(tmp_path, option):
+    (tmp_path / "a-file").write_text("x")
+    code, out, err = _run_cli(*DEMO, "--epochs", "1", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
+                              option, str(tmp_path / "a-file" / "sub"), cwd=str(tmp_path))
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and option in err and "a-file" in err and "not a folder" in err
+    assert "generating" not in out  # refused before any data was made or loaded
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_output_folder_fails_first(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    code, _, err = _run_cli(*DEMO, "--epochs", "1", "--out", str(ro / "run"), cwd=str(tmp_path))
+    assert code == 2 and "not writable" in err and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the project's own errors become one line; a ValueError from a bug is not swallowed."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not bad input")
+    monkeypatch.setattr(run, "build_head", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        run.main([*DEMO, "--epochs", "1", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
+
+
+def test_failed_start_leaves_nothing(tmp_path, monkeypatch):
+    """A checkpoint that cannot be read, found after the data loaded: no run folder, no mask.pt."""
+    voc, argv = _tiny_voc_run(tmp_path, "--workers", "0")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    argv[argv.index("--clip") + 1] = str(bad)
+    assert run.main(argv) == 2
+    assert not (tmp_path / "out").exists()
+    # --download without network: the data folder it would have made is not left behind either
+    import torchvision.datasets
+
+    class NoNetwork:
+        def __init__(self, root, **kwargs):
+            os.makedirs(os.path.join(root, "VOCdevkit"), exist_ok=True)  # torchvision makes its folders first
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "VOCDetection", NoNetwork)
+    code = run.main(["--data", "voc", "--download", "--data-root", str(tmp_path / "data" / "voc2007"),
+                     "--out", str(tmp_path / "out2"), "--workers", "0"])
+    assert code == 2
+    assert not (tmp_path / "data").exists() or not os.listdir(tmp_path / "data")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_saved_files_honour_the_umask_and_json_is_strict(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_atomic({"a": 1}, str(tmp_path / "x.pt"))
+        save_atomic({"a": None}, str(tmp_path / "x.json"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.pt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o640
+    with pytest.raises(ValueError):
+        save_atomic({"map": float("nan")}, str(tmp_path / "nan.json"))
+    assert sorted(os.listdir(tmp_path)) == ["x.json", "x.pt"]
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_results_json_is_strict_with_null_for_classes_without_positives(tmp_path):
+    _, argv = _tiny_voc_run(tmp_path, "--workers", "0", "--epochs", "1")
+    assert run.main(argv) == 0
+    results = _strict_json(tmp_path / "out" / "results.json")
+    scored = {n for ids in VOC_TEST.values() for n, _ in ids}  # dog, person, train, car, cat (difficult car: absent)
+    scored.discard("car")
+    aps = results["per_class_ap"]
+    assert {n for n, a in aps.items() if a is not None} == scored
+    assert results["map"] == pytest.approx(np.mean([a for a in aps.values() if a is not None]))
+
+
+def test_stale_temporary_files_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "r"
+    argv = [*SMALL, "--epochs", "1", "--out", str(out)]
+    assert run.main(argv) == 0
+    stale = out / "checkpoint.pt.4242-0badcafe.tmp"
+    stale.write_bytes(b"half a checkpoint")  # as a kill during a write leaves it
+    assert run.main([*argv, "--resume"]) == 0
+    assert not stale.exists() and sorted(os.listdir(out)) == ["checkpoint.pt", "head.pt", "mask.pt", "results.json"]
+
+
+# ------------------------------------------------------------------ resume and interrupt tell the truth
+
+
+def test_interrupt_in_the_first_epoch_then_resume_works(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    argv = [*SMALL, "--epochs", "2", "--out", str(out)]
+
+    def interrupted(logits, targets):
+        raise KeyboardInterrupt
+    real = run.asymmetric_loss
+    monkeypatch.setattr(run, "asymmetric_loss", interrupted)
+    assert run.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "the same command plus --resume" in err
+    monkeypatch.setattr(run, "asymmetric_loss", real)
+    assert run.main([*argv, "--resume"]) == 0  # what the message said works
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert len(_strict_json(out / "results.json")["history"]) == 2
+
+
+def test_resume_after_a_stop_during_the_cache_build_keeps_the_cache(tmp_path, monkeypatch, capsys):
+    out, cache_dir = tmp_path / "r", tmp_path / "cache"
+    argv = [*DEMO, "--demo-images", "48", "--image-size", "64", "--batch-size", "8", "--epochs", "1",
+            "--out", str(out), "--cache-dir", str(cache_dir)]
+    calls = {"n": 0}
+    real = cache_features.SeededViews.__getitem__
+
+    def stop_after_some(self, j):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt
+        return real(self, j)
+    monkeypatch.setattr(cache_features.SeededViews, "__getitem__", stop_after_some)
+    assert run.main(argv) == 130
+    assert not out.exists()  # nothing written into the run's folder yet
+    capsys.readouterr()
+    monkeypatch.setattr(cache_features.SeededViews, "__getitem__", real)
+    assert run.main([*argv, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "no checkpoint in" in printed and "resuming the feature cache" in printed
+    assert (out / "results.json").exists()
+
+
+def test_start_up_says_what_it_is_doing(tmp_path):
+    code, out, err = _run_cli(*DEMO, "--epochs", "1", "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
+                              cwd=str(tmp_path))
+    assert code == 0, err
+    steps = ["generating the demo images", "building the demo's random miniature CLIP", "head: positive",
+             "encoding the features", "epoch   1/1"]
+    positions = [out.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions), out
+    voc, argv = _tiny_voc_run(tmp_path, "--workers", "0", "--no-cache-features", "--epochs", "1")
+    code, out, err = _run_cli(*argv, cwd=str(tmp_path))
+    assert code == 0, err
+    steps = ["reading the voc annotations", "loading CLIP", "checking that all 7 images decode", "epoch   1/1"]
+    positions = [out.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions), out
+
+
+# ------------------------------------------------------------------ the shape: a core and its layers
+
+
+CORE = {"aggregation", "heads", "loss", "metrics", "data"}
+LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis"}
+
+
+def _imports(path):
+    """The clipmlr modules (first component under clipmlr) and top-level modules a file imports."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    package = os.path.relpath(os.path.dirname(path), REPO).split(os.sep)  # e.g. ["clipmlr", "analysis"]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the file's package
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+                names = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
+                found |= set(names)
+            else:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def _python_files(folder):
+    return [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(REPO, folder)) for f in fs if f.endswith(".py")]
+
+
+def test_architecture_core_and_layers():
+    for path in _python_files("clipmlr"):
+        imported = _imports(path)
+        own = {m.split(".")[1] for m in imported if m.startswith("clipmlr.") and len(m.split(".")) > 1}
+        assert "run" not in imported and not any(m.startswith("run.") for m in imported), path
+        name = os.path.relpath(path, os.path.join(REPO, "clipmlr")).split(os.sep)[0].removesuffix(".py")
+        if name == "clip":
+            assert own <= {"clip"}, (path, own)  # the CLIP imports nothing else of clipmlr
+        elif name in CORE:
+            assert not own & LAYERS, (path, own & LAYERS)  # the core imports no layer
+    # run.py shows the method: images -> encode_dense -> head -> asymmetric_loss -> step, in its own lines
+    source = open(os.path.join(REPO, "run.py")).read()
+    for step in ("model.encode_dense(", "logits = trained(features)", "asymmetric_loss(logits", "optimizer.step()"):
+        assert step in source, step
+
+
+def test_package_copied_alone_imports_and_works(tmp_path):
+    """clipmlr/ copied into another project (no run.py beside it) imports, and the sweep asks for run.py."""
+    shutil.copytree(os.path.join(REPO, "clipmlr"), tmp_path / "clipmlr", ignore=shutil.ignore_patterns("__pycache__"))
+    modules = ["clipmlr." + os.path.relpath(p, tmp_path)[len("clipmlr/"):-3].replace(os.sep, ".")
+               for p in map(str, (tmp_path / "clipmlr").rglob("*.py")) if not p.endswith("__main__.py")]
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m.removesuffix('.__init__')!r})\n"
+                                                 for m in modules) + "assert 'run' not in sys.modules\n"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, check=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "clipmlr.analysis", "sweep", "--labels", "1", *DEMO_ARGS],
+                       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--run-script" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_parameter_in_no_group_is_an_error():
+    class WithExtra(build_head("positive", _small_clip(), ["a"]).__class__):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.extra = nn.Parameter(torch.zeros(3))  # declared in no group
+    head = WithExtra(_small_clip(), ["a"], n_ctx=2)
+    with pytest.raises(ValueError, match="'extra' in 0 groups"):
+        parameter_groups(head, 0.1, 1.0, 0.01)
+    for name in ("baseline", "dual", "positive", "negative"):  # every head declares every parameter once
+        groups = parameter_groups(build_head(name, _small_clip(), ["a", "b"], n_ctx=2), 0.1, 1.0, 0.01)
+        assert sum(len(g["params"]) for g in groups) == len(list(build_head(name, _small_clip(), ["a"]).parameters()))
+
+
+def test_library_code_leaves_the_global_random_state_alone(demo):
+    images, labels, model, _ = demo
+    random.seed(123)
+    torch.manual_seed(123)
+    before = (random.getstate(), torch.random.get_rng_state())
+    tiny_clip(resolution=SIZE, seed=3)
+    demo_split(4, 0, SIZE)
+    data = ImageDataset(images[:6], labels[:6], image_transform(SIZE, train=True))
+    cache_features.encode_split(data, 2, enc(model), 4, 0)
+    cache_features.encode_split(data, 1, enc(model), 4, 2)
+    assert random.getstate() == before[0] and torch.equal(torch.random.get_rng_state(), before[1])

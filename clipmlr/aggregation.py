@@ -13,9 +13,9 @@ LOGIT_SCALE = 5.0  # multiplies the weighted sum over positions
 
 
 def aggregate(scores, weights_from):
-    """Softmax-weighted sum over positions: (B, L, K) scores, (B, L, K) -> (B, K).
+    """Softmax-weighted sum over positions: (B, L, C') scores, (B, L, C') -> (B, C'), C' channels (C or 2C).
 
-    logit_k = 5 · Σ_l softmax_l(weights_from[:, :, k]) · scores[:, l, k]      (paper Eq. 2-3)
+    logit_c = 5 · Σ_l softmax_l(weights_from[:, :, c]) · scores[:, l, c]      (paper Sec. 3.1, aggregation)
     """
     weights = F.softmax(weights_from, dim=1)  # over positions
     return LOGIT_SCALE * (weights * scores).sum(dim=1)

@@ -1,31 +1,36 @@
-"""Dense CLIP features for a dataset: computed in the training loop, or once and kept (the encoder is frozen).
+"""The frozen image encoder's dense features, computed once and kept (a layer: the method runs without it).
 
-`encode_split(dataset, views, model, device, batch_size, workers, cache_dir, key)` returns a dataset of
-(images or features, labels, index) whose `to_features(batch)` gives (B, L, D) fp32 features on the device:
+The CLIP never changes, so its features of an image need not be computed 50 times. `encode_split(dataset, views,
+encode, batch_size, workers, cache_dir, key)` returns a dataset of (features (L, D) fp16, labels, index):
 
-    views=None                  the encoder runs on every batch of (augmented) images, inside the loop
-    views=K, cache_dir=None     every image encoded K times up front and kept in memory (fp16)
-    views=K, cache_dir=DIR      the same, kept on disk (fp16, memory-mapped) and reused by later runs:
-                                later epochs, other heads, other label fractions and seeds
+    cache_dir=None     every image encoded `views` times up front and kept in memory (fp16)
+    cache_dir=DIR      the same, kept on disk (fp16, memory-mapped) and reused by later runs:
+                       later epochs, other heads, other label fractions and seeds
 
-Epoch e serves view e mod K. The trade-off of K: in the loop, 50 epochs show every training image under 50
-different augmentations and pay 50 encoder passes over the training set; the cache shows K of them over and
-over (K=1: no augmentation diversity at all) and pays K passes, once for every head, label fraction and seed
-(the views do not depend on the run's seed). Disk: K·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
-trainval is 1.0 GB per view (8.1 GB for K=8; the test split 1.0 GB), COCO2014 train 16.5 GB per view (132 GB
-for K=8). Reading it back is disk-bound when it does not fit in the page cache.
+`encode` is the caller's own function from a batch of images (B, 3, S, S) to features (B, L, D) — run.py
+passes the very function its training loop uses, so cached and in-loop features are computed alike.
+
+Epoch e serves view e mod V. The trade-off of V: in the loop, 50 epochs show every training image under 50
+different augmentations and pay 50 encoder passes over the training set; the cache shows V of them over and
+over (V=1: no augmentation diversity at all) and pays V passes, once for every head, label fraction and seed
+(the views do not depend on the run's seed). Disk: V·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
+trainval is 1.0 GB per view (8.1 GB for V=8; the test split 1.0 GB), COCO2014 train 16.5 GB per view (132 GB
+for V=8). Reading it back is disk-bound when it does not fit in the page cache. The build decodes every image,
+so it is also the check that every image is readable (run.py needs no separate decoding pass then).
 
 A cache folder, DIR/<data>-<split>-<hash of the key>/, holds
     meta.json      the full key (checkpoint sha256 — or, for an unsaved random model, a hash of its weights —,
-                   data, data root, a hash of the image list, resolution, split, view kind, the transform, K),
+                   data, data root, a hash of the image list, resolution, split, view kind, the transform, V),
                    the shape, the chunk size, and whether the build is complete
-    features.npy   (K, N, L, D) float16 in NumPy's format, read memory-mapped
-    done.npy       (K, chunks) uint8: 1 once that chunk of images is safely on disk
+    features.npy   (V, N, L, D) float16 in NumPy's format, read memory-mapped
+    done.npy       (V, chunks) uint8: 1 once that chunk of images is safely on disk
 A killed build resumes at the first chunk not done. View v of image i is augmented under the seed v·N + i
-alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the workers.
+alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the workers — at the same
+number of CPU threads: a convolution's float sums depend on how the threads split them, so a cache built with
+another thread count (torchrun sets OMP_NUM_THREADS=1) may differ by one fp16 rounding step in a few values.
 An existing folder is used only if its key equals the requested one field by field; otherwise it is refused.
 
-Shape key: K views, N images, L positions (1 + H*W), D feature dim, B batch.
+Shape key: V views, N images, L positions (1 + H*W), D feature dim, B batch.
 """
 import contextlib
 import hashlib
@@ -45,49 +50,15 @@ from .checkpoint import save_atomic
 CACHE_FORMAT = 1  # bump when the layout or the per-view seeding changes: old caches then no longer match
 
 
-def encoder_context(device):
-    """bf16 autocast on CUDA for the frozen encoder; plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def encode_images(model, images, device):
-    """(B, 3, S, S) -> (B, L, D) fp32 dense features. Call under no_grad or inference_mode (the encoder is frozen)."""
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    with encoder_context(device):
-        return model.encode_dense(images).float()
-
-
-class InLoop(torch.utils.data.Dataset):
-    """Images go through the encoder batch by batch, in the training loop."""
-
-    def __init__(self, dataset, model, device, workers):
-        self.dataset, self.model, self.device, self.workers = dataset, model, device, workers
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
-
-    def set_epoch(self, epoch):
-        pass
-
-    @torch.no_grad()  # not inference_mode: the head's backward saves these features
-    def to_features(self, images):
-        return encode_images(self.model, images, self.device)
+class CacheError(ValueError):
+    """A cache folder that belongs to other settings, is unreadable, or would not fit on the disk."""
 
 
 class Stored(torch.utils.data.Dataset):
-    """Features computed once, (K, N, L, D) fp16 (an array or a read-only memmap); view `epoch mod K` served."""
+    """Features computed once, (V, N, L, D) fp16 (an array or a read-only memmap); view `epoch mod V` served."""
 
-    workers = 0  # reading an array needs no worker processes
-
-    def __init__(self, features, labels, device):
-        self.features, self.labels, self.device, self.view = features, labels, device, 0
+    def __init__(self, features, labels):
+        self.features, self.labels, self.view = features, labels, 0
 
     def __len__(self):
         return self.features.shape[1]
@@ -97,9 +68,6 @@ class Stored(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch):
         self.view = epoch % self.features.shape[0]
-
-    def to_features(self, features):
-        return features.to(self.device, non_blocking=True).float()
 
 
 class SeededViews(torch.utils.data.Dataset):
@@ -112,25 +80,27 @@ class SeededViews(torch.utils.data.Dataset):
         return self.views * len(self.dataset)
 
     def __getitem__(self, j):
-        # Cutout draws from `random`, RandAugment from torch; torch keeps 32 bits of a seed, and j < 2**32
-        random.seed(j)
-        torch.manual_seed(j)
-        return self.dataset[j % len(self.dataset)][0], j
+        # Cutout draws from `random`, RandAugment from torch's generator; both are seeded for this item alone
+        # and given back as they were (torch keeps 32 bits of a seed, and j < 2**32)
+        with seeded(j):
+            return self.dataset[j % len(self.dataset)][0], j
 
 
 @contextlib.contextmanager
-def preserved_rng():
-    """Restores Python's and torch's CPU random state on exit (encoding in the main process reseeds them)."""
+def seeded(seed):
+    """Python's and torch's CPU random state seeded with `seed` inside, restored on exit: no global state leaks."""
     state = random.getstate()
     try:
         with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
             yield
     finally:
         random.setstate(state)
 
 
 @torch.inference_mode()
-def encode_chunks(dataset, model, device, views, chunk, todo, workers, store, desc="encoding"):
+def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="encoding"):
     """Encodes the (view, chunk) pairs in `todo`; chunk c of a view is images [c*chunk, (c+1)*chunk).
 
     `store(view, chunk_index, features)` receives each chunk's (B, L, D) fp16 NumPy features in order.
@@ -138,17 +108,18 @@ def encode_chunks(dataset, model, device, views, chunk, todo, workers, store, de
     n = len(dataset)
     batches = [range(v * n + c * chunk, v * n + min(n, (c + 1) * chunk)) for v, c in todo]
     loader = torch.utils.data.DataLoader(SeededViews(dataset, views), batch_sampler=batches, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=torch.cuda.is_available(),
+                                         generator=torch.Generator())  # not the process's: items seed themselves
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=None, leave=False) as bar:
         for (v, c), (images, _) in zip(todo, loader):
-            store(v, c, encode_images(model, images, device).half().cpu().numpy())
+            store(v, c, encode(images).half().cpu().numpy())
             bar.update(len(images))
 
 
-def feature_shape(dataset, model, device):
+def feature_shape(dataset, encode):
     """(L, D) of one image of `dataset`, from one forward pass."""
     with torch.inference_mode():
-        return tuple(encode_images(model, SeededViews(dataset, 1)[0][0][None], device).shape[1:])
+        return tuple(encode(SeededViews(dataset, 1)[0][0][None]).shape[1:])
 
 
 def weights_fingerprint(model):
@@ -176,12 +147,12 @@ def transform_description(dataset):
     return None if transform is None else re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
-def cache_key(key, dataset, model, views):
-    """The caller's key (checkpoint, data, resolution, split, view kind) completed with what fixes the bytes."""
-    full = {**(key or {}), "views": views, "n_images": len(dataset), "images": images_fingerprint(dataset),
+def cache_key(key, dataset, views):
+    """The caller's key (checkpoint sha256 or `weights_fingerprint`, data, resolution, split, view kind)
+    completed with what fixes the bytes: the image list, the transform, the number of views."""
+    assert key.get("clip_sha256") or key.get("weights"), "a cache key names the CLIP's checkpoint or weights"
+    full = {**key, "views": views, "n_images": len(dataset), "images": images_fingerprint(dataset),
             "transform": transform_description(dataset), "format": CACHE_FORMAT}
-    if full.get("clip_sha256") is None:
-        full["weights"] = weights_fingerprint(model)
     return json.loads(json.dumps(full, sort_keys=True))  # JSON-native values, as meta.json gives them back
 
 
@@ -206,11 +177,11 @@ def build_lock(folder):
 
 
 def check_meta(folder, meta, key):
-    """Raises ValueError naming the first field where the folder's key differs from the requested one."""
+    """Raises CacheError naming the first field where the folder's key differs from the requested one."""
     saved = meta.get("key", {})
     for field in sorted(set(saved) | set(key)):
         if saved.get(field) != key.get(field):
-            raise ValueError(f"the feature cache {folder} was built for {field}={saved.get(field)!r}, but this run "
+            raise CacheError(f"the feature cache {folder} was built for {field}={saved.get(field)!r}, but this run "
                              f"needs {field}={key.get(field)!r}; delete that folder or pass another --cache-dir")
 
 
@@ -236,17 +207,17 @@ def open_cache(folder, key, shape_of, chunk):
             stored = np.load(features_path, mmap_mode="r").shape
             done = np.load(os.path.join(folder, "done.npy"))
         except (OSError, json.JSONDecodeError, EOFError) as e:
-            raise ValueError(f"the feature cache {folder} is unreadable ({e}); delete that folder") from None
+            raise CacheError(f"the feature cache {folder} is unreadable ({e}); delete that folder") from None
         if list(stored) != meta["shape"] or list(stored[:2]) != [key["views"], key["n_images"]] \
                 or done.shape != (stored[0], -(-stored[1] // meta["chunk"])):
-            raise ValueError(f"the feature cache {folder} is inconsistent (features {tuple(stored)}, progress "
+            raise CacheError(f"the feature cache {folder} is inconsistent (features {tuple(stored)}, progress "
                              f"{done.shape}, meta {meta['shape']}); delete that folder")
         return meta, done
     shape = shape_of()
     size = int(np.prod(shape)) * 2
     free = shutil.disk_usage(folder).free
     if free < size:
-        raise ValueError(f"the feature cache needs {size / 1e9:.1f} GB in {folder} but {free / 1e9:.1f} GB are "
+        raise CacheError(f"the feature cache needs {size / 1e9:.1f} GB in {folder} but {free / 1e9:.1f} GB are "
                          f"free; pass a smaller --cache-views or another --cache-dir")
     np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=shape).flush()  # a sparse file
     done = np.zeros((shape[0], -(-shape[1] // chunk)), dtype=np.uint8)  # (K, chunks)
@@ -256,7 +227,7 @@ def open_cache(folder, key, shape_of, chunk):
     return meta, done
 
 
-def cached_features(dataset, model, device, batch_size, workers, cache_dir, key):
+def cached_features(dataset, encode, batch_size, workers, cache_dir, key):
     """(K, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first.
 
     Under torchrun the ranks share the build: rank r encodes every world-th unfinished chunk and records its
@@ -269,7 +240,7 @@ def cached_features(dataset, model, device, batch_size, workers, cache_dir, key)
     views = key["views"]
 
     def shape_of():
-        return (views, len(dataset), *feature_shape(dataset, model, device))
+        return (views, len(dataset), *feature_shape(dataset, encode))
 
     with build_lock(folder) if world == 1 else contextlib.nullcontext():  # ranks coordinate by barriers instead
         if rank == 0:
@@ -296,7 +267,7 @@ def cached_features(dataset, model, device, batch_size, workers, cache_dir, key)
                     done[v, c] = 1
                     write_done(progress_path, done)
 
-                encode_chunks(dataset, model, device, views, chunk, todo[rank::world], workers, store,
+                encode_chunks(dataset, encode, views, chunk, todo[rank::world], workers, store,
                               desc=f"caching {key.get('split', '')} features")
             distributed.barrier()
             if rank == 0:
@@ -316,26 +287,22 @@ def merged_progress(folder, done):
     return done
 
 
-def encode_split(dataset, views, model, device, batch_size, workers, cache_dir=None, key=None):
-    """In-loop encoding (views=None), or `views` precomputed views kept in memory or, with `cache_dir`, on disk.
+def encode_split(dataset, views, encode, batch_size, workers, cache_dir=None, key=None):
+    """`views` encodings of every image of `dataset` (view v of image i augmented under the seed v·N + i), kept
+    in memory or, with `cache_dir`, on disk; a `Stored` dataset of them.
 
-    `key` (a dict of JSON values: clip, clip_sha256, data, data_root, image_size, split, view) names what the
-    features depend on; the image list, K and, for a model without sha256, its weights are added to it here.
+    `key` (a dict of JSON values: clip, clip_sha256 or weights, data, data_root, image_size, split, view) names
+    what the features depend on; the image list, the transform and `views` are added to it here.
     """
-    if device.type == "cuda":
-        model.visual.to(memory_format=torch.channels_last)  # faster convolutions under autocast
-    if views is None:
-        return InLoop(dataset, model, device, workers)
-    with preserved_rng():
-        if cache_dir is not None:
-            features = cached_features(dataset, model, device, batch_size, workers, cache_dir,
-                                       cache_key(key, dataset, model, views))
-        else:
-            features = np.empty((views, len(dataset), *feature_shape(dataset, model, device)), dtype=np.float16)
+    if cache_dir is not None:
+        features = cached_features(dataset, encode, batch_size, workers, cache_dir,
+                                   cache_key(key, dataset, views))
+    else:
+        features = np.empty((views, len(dataset), *feature_shape(dataset, encode)), dtype=np.float16)
 
-            def store(v, c, f):
-                features[v, c * batch_size: c * batch_size + len(f)] = f
+        def store(v, c, f):
+            features[v, c * batch_size: c * batch_size + len(f)] = f
 
-            todo = [(v, c) for v in range(views) for c in range(-(-len(dataset) // batch_size))]
-            encode_chunks(dataset, model, device, views, batch_size, todo, workers, store)
-    return Stored(features, dataset.labels, device)
+        todo = [(v, c) for v in range(views) for c in range(-(-len(dataset) // batch_size))]
+        encode_chunks(dataset, encode, views, batch_size, todo, workers, store)
+    return Stored(features, dataset.labels)

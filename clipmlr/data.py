@@ -1,7 +1,8 @@
 """Datasets (VOC2007, COCO2014), partial-label masking, and the paper's image transforms.
 
 A dataset here is a list of image paths with a (N, C) label matrix: 1 present, 0 absent, −1 unknown. Annotation
-files are read and checked up front, so a broken file is reported by name before any training starts.
+files are read and checked up front, and `check_decodable` decodes every image once, so a broken file is
+reported by name before any training starts. (Downloads are a layer: clipmlr/download.py.)
 
 Protocol (PositiveCoOp paper Sec. 4, following DualCoOp): VOC2007 trains on trainval and tests on test; COCO2014
 trains on train2014 and tests on val2014. Shape key: N images, C classes.
@@ -14,7 +15,7 @@ import xml.etree.ElementTree as ET
 import torch
 from PIL import Image, ImageDraw
 from torchvision import transforms as T
-from torchvision.datasets.utils import download_and_extract_archive
+from tqdm import tqdm
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's preprocessing statistics
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -22,16 +23,19 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
-COCO_BASE_URL = "http://images.cocodataset.org"
-COCO_URLS = {  # archive -> md5, as published by cocodataset.org
-    "zips/train2014.zip": "0da8c0bd3d6becc4dcb32757491aca88",
-    "zips/val2014.zip": "a3d79f5ed8d289b7a7554ce06a5782b3",
-    "annotations/annotations_trainval2014.zip": "0a379cfc70b0e71301e0f377548639bd",
-}
 
 
 class DataError(Exception):
-    """A dataset that is missing or malformed; the message names the file and what to do."""
+    """A dataset that is missing or malformed; the message names the file and what to do.
+
+    A DataLoader worker's error comes back to the main process as DataError("Caught DataError in DataLoader
+    worker process 0. Original Traceback ...: <message>"): only the message itself is kept, one line.
+    """
+
+    def __init__(self, message):
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
 
 
 def mask_labels(targets, ratio, seed):
@@ -54,26 +58,6 @@ def find_voc(root):
         if os.path.isdir(os.path.join(d, "Annotations")) and os.path.isdir(os.path.join(d, "JPEGImages")):
             return d
     return None
-
-
-def fetch(what, root, get):
-    """Runs a download, turning a network or checksum failure into one clear DataError."""
-    try:
-        get()
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on bad md5
-        raise DataError(f"could not download {what} into {os.path.abspath(root)} ({getattr(e, 'reason', e)}). "
-                        f"Without network, download it on another machine, unpack it there (see README.md, "
-                        f"'Data') and pass --data-root") from None
-
-
-def download_voc(root):
-    """VOC2007 trainval and test through torchvision, which verifies the archives' md5; skips what is there."""
-    from torchvision.datasets import VOCDetection
-    for split in ("trainval", "test"):
-        voc = find_voc(root)
-        if voc and os.path.isfile(os.path.join(voc, "ImageSets", "Main", f"{split}.txt")):
-            continue
-        fetch(f"VOC2007 {split}", root, lambda: VOCDetection(root, year="2007", image_set=split, download=True))
 
 
 def read_voc_annotation(path, difficult="absent"):
@@ -120,16 +104,6 @@ def load_voc(root, split, difficult="absent"):
 
 # ---------------------------------------------------------------------------------------------------- COCO2014
 
-def download_coco(root):
-    """train2014, val2014 and the 2014 annotations (about 19 GB), md5-checked by torchvision."""
-    for archive, md5 in COCO_URLS.items():
-        unpacked = {"zips/train2014.zip": "train2014", "zips/val2014.zip": "val2014"}.get(archive, "annotations")
-        if os.path.isdir(os.path.join(root, unpacked)):
-            continue
-        url = f"{COCO_BASE_URL}/{archive}"
-        fetch(url, root, lambda: download_and_extract_archive(url, root, md5=md5, remove_finished=True))
-
-
 def load_coco(root, split):
     """(image paths, (N, 80) labels, class names) of train2014 or val2014; images without objects dropped."""
     ann = os.path.join(root, "annotations", f"instances_{split}.json")
@@ -163,11 +137,55 @@ def load_coco(root, split):
 
 
 def check_images(paths):
+    """`paths` if every file exists (cheap: run on every listing); that they decode is `check_decodable`'s job."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} listed images are missing, e.g. {missing[0]}; "
                         f"the dataset is incomplete: pass --download or restore the files")
     return paths
+
+
+def read_image(path, draft=False):
+    """The RGB image at `path`; DataError naming the file when it does not decode (truncated, empty, not an
+    image). `draft` decodes a JPEG at 1/8 scale, ~5x faster: every byte is still read, so truncation shows."""
+    try:
+        with Image.open(path) as f:
+            if draft:
+                f.draft("RGB", (f.width // 8, f.height // 8))
+            return f.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read the image {path}: {e}") from None
+
+
+class Decodes(torch.utils.data.Dataset):
+    """Item i = '' if image i decodes, else the error naming it (errors are collected, not raised, in workers)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            read_image(self.paths[i], draft=True)
+            return ""
+        except DataError as e:
+            return str(e)
+
+
+def check_decodable(paths, workers=0):
+    """Decodes every image once, in `workers` processes; DataError naming the unreadable ones.
+
+    A header check is not enough (a truncated JPEG has a valid header); only a decode proves an image readable.
+    Where a pass reads every image anyway (the feature cache build), that pass is the check instead.
+    """
+    loader = torch.utils.data.DataLoader(Decodes(paths), batch_size=64, num_workers=workers, collate_fn=list,
+                                         generator=torch.Generator())  # draws nothing from the process's RNG
+    bad = [e for batch in tqdm(loader, desc="decoding", unit="batch", disable=None, leave=False) for e in batch if e]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(paths)} images do not decode; the first: {bad[0]}. Restore them from "
+                        f"the dataset's archive (or --download again into an empty --data-root)")
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -206,11 +224,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        image = self.images[i]
-        if isinstance(image, str):
-            try:
-                with Image.open(image) as f:
-                    image = f.convert("RGB")
-            except (OSError, ValueError) as e:  # truncated, empty or not an image
-                raise DataError(f"cannot read the image {image}: {e}") from None
+        image = self.images[i]  # a path, or a PIL image (the demo's)
+        image = read_image(image) if isinstance(image, str) else image
         return self.transform(image), self.labels[i], i

@@ -66,10 +66,11 @@ def tiny_clip(calibration_images=None, seed=0, resolution=224):
     (B, 3, S, S) — each channel then has zero mean and unit variance on the demo data — and the output
     projection is centred so the dense features have mean zero. This is an initialisation, not training.
     """
-    torch.manual_seed(seed)
-    model = CLIP(embed_dim=64, image_resolution=resolution, vision_layers=[1, 1, 1, 1], vision_width=16,
-                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                 transformer_layers=2)
+    with torch.random.fork_rng(devices=[]):  # the process's random state is left as it was
+        torch.manual_seed(seed)
+        model = CLIP(embed_dim=64, image_resolution=resolution, vision_layers=[1, 1, 1, 1], vision_width=16,
+                     context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                     transformer_layers=2)
     pool = model.visual.attnpool
     with torch.no_grad():
         for m in model.visual.modules():

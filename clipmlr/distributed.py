@@ -48,6 +48,11 @@ def all_sum(tensor):
     return tensor
 
 
+def shard(n):
+    """This rank's contiguous share of the indices 0..n-1 (all of them with one process)."""
+    return torch.tensor_split(torch.arange(n), world_size())[rank()]
+
+
 def gather_rows(rows, n):
     """Every rank's (indices, values) -> the (n, ...) tensor in index order, on every rank."""
     if world_size() == 1:

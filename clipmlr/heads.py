@@ -9,9 +9,9 @@ output can be cached).
     positive : a learned presence prompt + a free absence embedding in feature space (PositiveCoOp, Sec. 3.2)
     negative : a learned absence prompt + a free presence embedding (NegativeCoOp, the mirror)
 
-Prompts are CoOp's (Zhou et al. 2022): "[SOS] ctx_1 ... ctx_N <class name>. [EOS]" with N learned vectors,
-one set per class by default. Shape key: B batch, C classes, D feature dim, L positions, N context tokens,
-T tokens, W text width.
+Prompts are CoOp's (Zhou et al. 2022): "[SOS] ctx_1 ... ctx_X <class name>. [EOS]" with X = n_ctx learned
+vectors, one set per class by default. Shape key (the package's, see clipmlr/__init__.py): B batch, C classes,
+D feature dim, L positions, T tokens, W text width, X context tokens.
 """
 import torch
 from torch import nn
@@ -36,13 +36,13 @@ class Prompts(nn.Module):
         with torch.no_grad():
             embedded = clip_model.token_embedding(ids.to(clip_model.token_embedding.weight.device))  # (C, T, W)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)  # (C, 1, W): [SOS]
-        self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone(), persistent=False)  # (C, T-1-N, W)
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone(), persistent=False)  # (C, T-1-X, W)
         self.register_buffer("eot", eot, persistent=False)  # (C,)
 
     def embeddings(self):
         """(C, T, W) token embeddings of the prompts, learned vectors in place of the placeholders."""
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.expand(len(self.prefix), -1, -1)
-        return torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, 1+N+rest, W)
+        return torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, 1+X+rest, W)
 
     def forward(self, clip_model):
         return clip_model.encode_embedded(self.embeddings(), self.eot)  # (C, D)
@@ -64,6 +64,11 @@ class Head(nn.Module):
         compute them once and call `logits` batch after batch."""
         raise NotImplementedError
 
+    def groups(self):
+        """{"prompt" | "embedding" | "linear": [parameters]}: which parameters are context vectors, free
+        embeddings or the projector; each group has its own learning rate (Sec. 4)."""
+        raise NotImplementedError
+
     def logits(self, features, embeddings):
         return prompt_logits(features, *embeddings)
 
@@ -82,6 +87,9 @@ class Baseline(Head):
     def class_embeddings(self):
         return None
 
+    def groups(self):
+        return {"linear": list(self.proj.parameters())}
+
     def logits(self, features, embeddings=None):
         a = self.proj(features)  # (B, L, 2C): presence channels first, then absence
         logits = aggregate(a, a)  # (B, 2C): every channel weighted by its own softmax over positions
@@ -99,6 +107,9 @@ class DualCoOp(Head):
     def class_embeddings(self):
         return self.presence_prompts(self.clip), self.absence_prompts(self.clip)
 
+    def groups(self):
+        return {"prompt": [self.presence_prompts.ctx, self.absence_prompts.ctx]}
+
 
 class PositiveCoOp(Head):
     """A learned presence prompt (plus a learned residual, as in the authors' code) and a free absence
@@ -114,6 +125,9 @@ class PositiveCoOp(Head):
     def class_embeddings(self):
         return self.presence_prompts(self.clip) + self.presence_residual, self.absence
 
+    def groups(self):
+        return {"prompt": [self.presence_prompts.ctx], "embedding": [self.presence_residual, self.absence]}
+
 
 class NegativeCoOp(Head):
     """The mirror of PositiveCoOp: a learned absence prompt (+ residual) and a free presence embedding."""
@@ -127,6 +141,9 @@ class NegativeCoOp(Head):
 
     def class_embeddings(self):
         return self.presence, self.absence_prompts(self.clip) + self.absence_residual
+
+    def groups(self):
+        return {"prompt": [self.absence_prompts.ctx], "embedding": [self.absence_residual, self.presence]}
 
 
 HEADS = {"baseline": Baseline, "dual": DualCoOp, "positive": PositiveCoOp, "negative": NegativeCoOp}
@@ -144,13 +161,19 @@ def build_head(name, clip_model, classnames, n_ctx=16, class_specific=True):
 
 
 def parameter_groups(head, lr_prompt, lr_embedding, lr_linear):
-    """SGD parameter groups with the paper's learning rates: context vectors, free embeddings, projector."""
-    groups = {"prompt": [], "embedding": [], "linear": []}
-    for name, p in head.named_parameters():
-        kind = "prompt" if name.endswith(".ctx") else "linear" if name.startswith("proj.") else "embedding"
-        groups[kind].append(p)
+    """SGD parameter groups with the paper's learning rates: context vectors, free embeddings, projector.
+
+    The groups are the ones the head declares (`head.groups()`); a trainable parameter it leaves out, or puts
+    in two groups, is an error: it would otherwise train at some other group's learning rate unnoticed.
+    """
     lrs = {"prompt": lr_prompt, "embedding": lr_embedding, "linear": lr_linear}
-    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+    declared = head.groups()
+    grouped = [id(p) for ps in declared.values() for p in ps]
+    for name, p in head.named_parameters():
+        if p.requires_grad and grouped.count(id(p)) != 1:
+            raise ValueError(f"{type(head).__name__}.groups() puts the parameter {name!r} in {grouped.count(id(p))} "
+                             f"groups; list it in exactly one of {sorted(lrs)}")
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in declared.items()]
 
 
 def count_trainable(module):

@@ -5,9 +5,9 @@
     python -m clipmlr.analysis negation --clip RN101           # Sec. 5.2, Table 2
     python -m clipmlr.analysis maps --data demo --index 3 [--run runs/demo-positive-1-seed0]    # Fig. 1
 
-Options a subcommand does not list are run.py's (--data, --clip, --epochs, --image-size, --device, ...) and mean
-what they mean there; the sweep passes them to every run. Outputs go under runs/analysis/ unless --out says
-otherwise; every command prints where it wrote them.
+Options a subcommand does not list are run.py's (--data, --clip, --epochs, --image-size, --device, ...; they
+live in clipmlr/cli.py, shared by both) and mean what they mean there; the sweep passes them to every run.
+Outputs go under runs/analysis/ unless --out says otherwise; every command prints where it wrote them.
 """
 import argparse
 import json
@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError, save_atomic
-from .clip import DownloadError
-from .data import DataError, ImageDataset, image_transform
-from .features import encode_split
-from .heads import HEADS, build_head
-from .metrics import average_precision
+from .. import cli
+from ..cache import encode_split
+from ..checkpoint import save_atomic
+from ..data import ImageDataset, image_transform
+from ..heads import HEADS, build_head
+from ..metrics import average_precision
 from .plots import similarity_figure
 from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table, similarity_maps,
                          text_features, zero_shot_scores)
@@ -35,40 +35,43 @@ class AnalysisError(Exception):
     """A bad argument or input of an analysis command; the message says what to give instead."""
 
 
-def driver():
-    """run.py, the training driver at the repository root (the analyses reuse its data and CLIP loading)."""
-    try:
-        import run
-    except ImportError:
-        raise AnalysisError("cannot import run.py: run the analyses from the repository root "
-                            "(cd to the folder holding run.py, then python -m clipmlr.analysis ...)") from None
-    return run
-
-
-def load_clip(run, args, train=None):
+def load_clip(args, train=None):
     """(model, {"name", "sha256"}) as run.py loads it; the demo's miniature CLIP is calibrated on its images."""
     if train is None and args.data == "demo":
-        train = run.load_data(args)[0]
-    return run.load_clip(args, train)
+        train = cli.load_data(args)[0]
+    return cli.load_clip(args, train)
+
+
+def encoder(model, device):
+    """images (B, 3, S, S) -> dense features (B, L, D) fp32, as run.py's `encode` computes them (channels_last
+    and bf16 autocast on CUDA), so the two share a feature cache."""
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    model.visual.to(memory_format=memory_format)
+
+    def encode(images):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model.encode_dense(images.to(device, memory_format=memory_format)).float()
+    return encode
 
 
 # ---------------------------------------------------------------------------------------------------- zero-shot
 
 @torch.no_grad()
-def zero_shot(run, args, presence=PRESENCE, absence=ABSENCE):
-    """mAP of hand-written prompts on the test split of `args.data`, aggregated and scored like the heads."""
-    train, _, test, test_y, classnames = run.load_data(args)
-    model, clip_info = load_clip(run, args, train)
+def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
+    """mAP of hand-written prompts on the test split of `args.data`, aggregated and ranked like the heads'."""
+    train, _, test, test_y, classnames = cli.load_data(args)
+    model, clip_info = load_clip(args, train)
     device = torch.device(args.device)
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
-    # the same encoding (and, with --cache-features, the same feature cache) as run.py's test split
-    key = run.feature_key(args, clip_info)
-    test_set = encode_split(ImageDataset(test, test_y, image_transform(args.image_size, train=False)),
-                            views=1 if args.cache_features else None, key={**key, "split": "test", "view": "plain"},
-                            model=model, device=device, batch_size=args.batch_size, workers=args.workers,
-                            cache_dir=args.cache_dir if args.cache_features else None)
-    loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, num_workers=test_set.workers)
-    scores = torch.cat([zero_shot_scores(test_set.to_features(x), *embeddings).cpu() for x, _, _ in loader])
+    encode = encoder(model, device)
+    test_set = ImageDataset(test, test_y, image_transform(args.image_size, train=False))
+    if args.cache_features:  # the same feature cache as run.py's test split
+        key = {**cli.feature_key(args, clip_info, model), "split": "test", "view": "plain"}
+        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size,
+                                         num_workers=0 if args.cache_features else args.workers)
+    features_of = (lambda x: x.to(device).float()) if args.cache_features else encode
+    scores = torch.cat([zero_shot_scores(features_of(x), *embeddings).cpu() for x, _, _ in loader])
     ap = average_precision(scores, test_y)
     return {"map": 100 * float(np.nanmean(ap)), "per_class_ap": {n: 100 * float(a) for n, a in zip(classnames, ap)},
             "presence": presence, "absence": absence, "data": args.data, "image_size": args.image_size,
@@ -94,10 +97,9 @@ def zero_shot_markdown(result):
 
 
 def cmd_zeroshot(opts, extras):
-    run = driver()
-    args = run.parse_args(extras)
+    args = cli.parse_args(extras, prog="python -m clipmlr.analysis zeroshot")
     out = opts.out or os.path.join("runs", "analysis", f"zeroshot-{args.data}")
-    result = zero_shot(run, args, opts.presence, opts.absence)
+    result = zero_shot(args, opts.presence, opts.absence)
     os.makedirs(out, exist_ok=True)
     save_atomic(result, os.path.join(out, "results.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
@@ -110,16 +112,15 @@ def cmd_zeroshot(opts, extras):
 # ---------------------------------------------------------------------------------------------------- sweep
 
 def cmd_sweep(opts, extras):
-    run = driver()
     for p in opts.labels:
         if not 0 < p <= 1:
             raise AnalysisError(f"--labels {p} is outside (0, 1]: give fractions of labels kept, e.g. 0.1 0.5 0.9")
     for own, instead in (("--head", "--heads"), ("--seed", "--seeds"), ("--resume", "nothing: it resumes by itself")):
         if any(a == own or a.startswith(own + "=") for a in extras):
             raise AnalysisError(f"the sweep sets {own} for each run itself; give {instead}")
-    args = run.parse_args(extras)
+    args = cli.parse_args(extras, prog="python -m clipmlr.analysis sweep")
     out = opts.out or os.path.join("runs", "analysis", f"sweep-{args.data}")
-    results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out)
+    results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out, opts.run_script)
     zero = None
     if not opts.no_zero_shot:
         path = os.path.join(out, "zeroshot.json")
@@ -129,7 +130,7 @@ def cmd_sweep(opts, extras):
             if zero.get("settings") != json.loads(json.dumps(zero_shot_settings(args))):
                 zero = None
         if zero is None:
-            zero = zero_shot(run, args)
+            zero = zero_shot(args)
             save_atomic(zero, path)
     paths = write_sweep(results, zero, args.data, results[0]["clip"]["name"], out)
     with open(paths["table.md"]) as f:
@@ -140,9 +141,8 @@ def cmd_sweep(opts, extras):
 # ---------------------------------------------------------------------------------------------------- negation
 
 def cmd_negation(opts, extras):
-    run = driver()
-    args = run.parse_args(extras)
-    model, clip_info = load_clip(run, args)
+    args = cli.parse_args(extras, prog="python -m clipmlr.analysis negation")
+    model, clip_info = load_clip(args)
     name = clip_info["name"]
     out = opts.out or os.path.join("runs", "analysis", f"negation-{os.path.splitext(os.path.basename(name))[0]}")
     similarities = negation_similarities(model, COCO_CLASSES)
@@ -181,7 +181,8 @@ def trained_head(run_dir, model, clip_info):
     s = results["settings"]
     classnames = list(results["per_class_ap"])
     head = build_head(s["head"], model, classnames, n_ctx=s["n_ctx"], class_specific=not s["shared_context"])
-    head.load_state_dict(torch.load(os.path.join(run_dir, "head.pt"), map_location=model.token_embedding.weight.device))
+    head.load_state_dict(torch.load(os.path.join(run_dir, "head.pt"), map_location=model.token_embedding.weight.device,
+                                    weights_only=True))
     return head.eval(), classnames, s["head"]
 
 
@@ -207,7 +208,6 @@ def pick_image(opts, test, test_y, classnames):
 def cmd_maps(opts, extras):
     if opts.panel < 32:
         raise AnalysisError(f"--panel {opts.panel} is too small to draw on; give at least 32 (pixels per panel)")
-    run = driver()
     settings = None
     if opts.run:
         path = os.path.join(opts.run, "results.json")
@@ -217,11 +217,11 @@ def cmd_maps(opts, extras):
         with open(path) as f:
             settings = json.load(f)["settings"]
         extras = settings_argv(settings) + extras
-    args = run.parse_args(extras)
+    args = cli.parse_args(extras, prog="python -m clipmlr.analysis maps")
     train = test = test_y = classnames = None
     if args.data == "demo" or opts.image is None:
-        train, _, test, test_y, classnames = run.load_data(args)
-    model, clip_info = load_clip(run, args, train)
+        train, _, test, test_y, classnames = cli.load_data(args)
+    model, clip_info = load_clip(args, train)
     head = None
     if settings is not None:
         head, classnames, head_name = trained_head(opts.run, model, clip_info)
@@ -280,6 +280,8 @@ def parse_args(argv=None):
                    "(default: 0)")
     s.add_argument("--no-zero-shot", action="store_true", help="leave out the zero-shot reference row")
     s.add_argument("--out", default=None, help="sweep folder (default: runs/analysis/sweep-<data>)")
+    s.add_argument("--run-script", default=None, help="the run.py that trains each run (default: ./run.py, else "
+                   "the one beside the clipmlr package)")
     z = sub.add_parser("zeroshot", allow_abbrev=False, help="hand-written prompts, no training: test mAP")
     z.add_argument("--out", default=None, help="output folder (default: runs/analysis/zeroshot-<data>)")
     n = sub.add_parser("negation", allow_abbrev=False, help="cosine of 'photo of a {}' and 'not a photo of a {}'")
@@ -307,11 +309,9 @@ def main(argv=None):
     opts, extras = parse_args(argv)
     try:
         COMMANDS[opts.command](opts, extras)
-    except (AnalysisError, SweepError, DataError, CheckpointError, DownloadError, FileNotFoundError, ValueError) as e:
+    except (AnalysisError, SweepError, *cli.ERRORS) as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,17 +3,19 @@
     text_features(model, prompts)                    unit text features of hand-written prompts
     negation_similarities(model, classnames)         "photo of a {}" vs "not a photo of a {}" (Table 2)
     zero_shot_scores(features, presence, absence)    hand-written prompts, no training, the heads' aggregation
+                                                     (logit margins: the scores an AP ranks by)
     similarity_maps(features, presence, absence)     per-position cosine with two embeddings (Fig. 1)
 
-Shape key: B batch, C classes, D feature dim, K templates, L positions (1 + H*W, the mean token first).
+Shape key: B batch, C classes, D feature dim, M templates, L positions (1 + H*W, the mean token first).
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .aggregation import prompt_logits
-from .clip import tokenize
+from ..aggregation import prompt_logits
+from ..clip import tokenize
+from ..metrics import margin
 from .templates import N1, P1, P2, TEMPLATES, fill, negated
 
 PAPER_TABLE2 = {  # (mean, std, min, max) over COCO's 80 classes, ResNet-101 CLIP
@@ -24,11 +26,11 @@ PAPER_TABLE2 = {  # (mean, std, min, max) over COCO's 80 classes, ResNet-101 CLI
 
 @torch.no_grad()
 def text_features(model, prompts, batch_size=512):
-    """(K,) prompt strings -> (K, D) L2-normalised text features, on the CPU."""
+    """(M,) prompt strings -> (M, D) L2-normalised text features, on the CPU."""
     device = model.token_embedding.weight.device
     out = []
     for i in range(0, len(prompts), batch_size):
-        ids = tokenize(prompts[i:i + batch_size], context_length=model.context_length)  # (k, T)
+        ids = tokenize(prompts[i:i + batch_size], context_length=model.context_length)  # (m, T)
         out.append(F.normalize(model.encode_text(ids.to(device)).float(), dim=-1).cpu())
     return torch.cat(out)
 
@@ -45,14 +47,14 @@ def negation_similarities(model, classnames, templates=TEMPLATES):
 
     one prompt:   p1_n1 (C,) = cos("photo of a {c}", "not a photo of a {c}"), p1_p2 (C,) = cos(P1, "picture
                   of a {c}").
-    85 templates: p1_n1 (K, C) = cos(t(c), "not " + t(c)) for every template t; p1_p2 (C, K(K-1)/2) = cos(t(c),
+    85 templates: p1_n1 (M, C) = cos(t(c), "not " + t(c)) for every template t; p1_p2 (C, M(M-1)/2) = cos(t(c),
                   t'(c)) for every pair of distinct templates: two positive prompts of one class.
     """
     p1, n1, p2 = (text_features(model, fill(t, classnames)) for t in (P1, N1, P2))  # (C, D) each
     k, c = len(templates), len(classnames)
-    pos = text_features(model, [p for t in templates for p in fill(t, classnames)]).view(k, c, -1)  # (K, C, D)
+    pos = text_features(model, [p for t in templates for p in fill(t, classnames)]).view(k, c, -1)  # (M, C, D)
     neg = text_features(model, [p for t in templates for p in fill(negated(t), classnames)]).view(k, c, -1)
-    gram = torch.einsum("kcd,jcd->ckj", pos, pos)  # (C, K, K) template against template, per class
+    gram = torch.einsum("kcd,jcd->ckj", pos, pos)  # (C, M, M) template against template, per class
     first, second = torch.triu_indices(k, k, offset=1)
     return {"one prompt": {"p1_n1": (p1 * n1).sum(-1), "p1_p2": (p1 * p2).sum(-1)},
             "85 templates": {"p1_n1": (pos * neg).sum(-1), "p1_p2": gram[:, first, second]}}
@@ -92,9 +94,10 @@ def negation_table(summaries, clip_name):
 
 
 def zero_shot_scores(features, presence, absence):
-    """(B, L, D) dense features, (C, D) presence and absence text features -> (B, C) presence probabilities,
-    softmax(prompt_logits)[..., 0]: the trained heads' aggregation with hand-written prompts (no training)."""
-    return torch.softmax(prompt_logits(features, presence, absence).float(), dim=-1)[..., 0]
+    """(B, L, D) dense features, (C, D) presence and absence text features -> (B, C) logit margins,
+    presence − absence: the trained heads' aggregation with hand-written prompts (no training), ranked as the
+    heads are (a softmax probability would saturate and tie)."""
+    return margin(prompt_logits(features, presence, absence).float())
 
 
 def grid_side(positions):

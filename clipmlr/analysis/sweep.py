@@ -1,18 +1,22 @@
 """A sweep of heads x label proportions x seeds through run.py, and its table and plot beside the paper's numbers.
 
-Each (head, labels, seed) is one call of run.py's `main` in this process, into its own folder under the sweep's
-folder; a run whose results.json exists is skipped and an interrupted one is resumed, so a sweep that stops can be
-started again with the same command. The table has the layout of the PositiveCoOp paper's Table 1 (rows heads,
+Each (head, labels, seed) is one run of run.py in a process of its own (`python run.py ...`, as a user would type
+it; the package never imports run.py), into its own folder under the sweep's folder; a run whose results.json
+exists is skipped and an interrupted one is resumed, so a sweep that stops can be started again with the same
+command. The table has the layout of the PositiveCoOp paper's Table 1 (rows heads,
 columns the fraction of labels kept, then the average) with the trainable parameters and the training time per
 run (supplement Table 3); the paper's own rows sit under ours for VOC2007 and COCO2014.
 """
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
-from .checkpoint import settings_mismatch
+from ..checkpoint import settings_mismatch
+from ..cli import parse_args, settings_of
 from .plots import colour_of, line_plot
 
 PROPORTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -47,13 +51,28 @@ def run_folder(out, data, head, labels, seed):
     return os.path.join(out, f"{data}-{head}-{labels:g}-seed{seed}")
 
 
-def run_sweep(heads, proportions, seeds, run_argv, out):
+def find_run_script(script=None):
+    """The run.py to train with: `script`, else ./run.py, else the one beside the clipmlr package."""
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "run.py")
+    for path in ([script] if script else ["run.py", beside]):
+        if os.path.isfile(path):
+            return path
+    raise SweepError(f"the sweep trains each run with run.py, and found none ({script or 'run.py'}); run it from "
+                     f"the folder holding run.py, or give --run-script PATH")
+
+
+def train(script, argv):
+    """One training run: `python run.py ARGV` in its own process, its output shown as it comes; the exit code."""
+    return subprocess.run([sys.executable, script, *argv]).returncode
+
+
+def run_sweep(heads, proportions, seeds, run_argv, out, script=None):
     """Trains every (head, labels, seed) not done yet through run.py; returns the list of their results dicts.
 
     run_argv: further run.py options shared by every run (e.g. ["--data", "voc", "--epochs", "50"]).
     """
-    import run as driver  # run.py at the repository root: the sweep drives it as a user would
-    base = driver.parse_args(list(run_argv))
+    script = find_run_script(script)
+    base = parse_args(list(run_argv))
     if "--no-cache-features" not in run_argv:
         run_argv = list(run_argv) + ["--cache-features"]  # the frozen encoder runs once per image (and view)
     results = []
@@ -62,7 +81,7 @@ def run_sweep(heads, proportions, seeds, run_argv, out):
             for seed in seeds:
                 folder = run_folder(out, base.data, head, labels, seed)
                 argv = run_argv + ["--head", head, "--labels", str(labels), "--seed", str(seed), "--out", folder]
-                wanted = driver.settings_of(driver.parse_args(argv))
+                wanted = settings_of(parse_args(argv))
                 done = os.path.join(folder, "results.json")
                 if os.path.isfile(done):
                     with open(done) as f:
@@ -77,7 +96,7 @@ def run_sweep(heads, proportions, seeds, run_argv, out):
                 if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
                     argv.append("--resume")  # interrupted earlier: continue where it stopped
                 print(f"sweep: training {head}, labels {labels:g}, seed {seed} -> {folder}", flush=True)
-                code = driver.main(argv)
+                code = train(script, argv)
                 if code != 0:
                     raise SweepError(f"the run in {folder} stopped (exit code {code}); the finished runs are kept, "
                                      f"so run the same sweep command again to continue once the problem is fixed")

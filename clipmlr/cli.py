@@ -1,0 +1,179 @@
+"""The command line that run.py and the analyses share (a layer): the options, and the data and CLIP they name.
+
+    args = parse_args(argv)                     every option, with its default and unit (python run.py --help)
+    check_writable(path, "--out")               before anything is loaded, so a bad folder fails at once
+    train, train_y, test, test_y, classnames = load_data(args)        VOC2007, COCO2014 or the offline demo
+    model, clip_info = load_clip(args, train)   a checkpoint, or the demo's random miniature CLIP
+
+Errors a user can cause are the project's own types (ERRORS); run.py and the analyses print them as one line and
+exit with status 2. Anything else is a bug and keeps its traceback.
+"""
+import argparse
+import os
+
+import torch
+
+from . import clip
+from .cache import CacheError, weights_fingerprint
+from .checkpoint import CheckpointError
+from .data import DataError, image_transform, load_coco, load_voc
+from .demo import DEMO_CLASSES, demo_split, tiny_clip
+from .download import download_coco, download_voc
+from .heads import HEADS
+
+
+class RunError(Exception):
+    """A run that cannot start or go on (a folder that cannot be written, a loss that became NaN, ...)."""
+
+
+ERRORS = (RunError, DataError, CheckpointError, CacheError, clip.DownloadError)  # the user's to fix: one line
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help already tells the default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_args(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, formatter_class=Help, description="Train and evaluate one head for "
+                                "multi-label recognition with partial labels on a frozen CLIP.")
+    p.add_argument("--head", choices=sorted(HEADS), default="positive", help="which head to train")
+    p.add_argument("--data", choices=["voc", "coco", "demo"], default="demo", help="dataset")
+    p.add_argument("--labels", type=float, default=1.0, help="fraction of training labels kept, in (0, 1]")
+    p.add_argument("--data-root", default=None, help="dataset folder (default data/voc2007 or data/coco2014)")
+    p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    p.add_argument("--clip", default=None, help="CLIP name or checkpoint path (default RN101; for the demo a "
+                   "random miniature CLIP unless weights/RN101.pt exists)")
+    p.add_argument("--weights-dir", default="weights", help="where CLIP checkpoints are downloaded")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 448; demo 224)")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step")
+    p.add_argument("--lr-prompt", type=float, default=0.002, help="SGD lr of the prompts' context vectors")
+    p.add_argument("--lr-embedding", type=float, default=1.0, help="SGD lr of the free class embeddings")
+    p.add_argument("--lr-linear", type=float, default=0.01, help="SGD lr of the baseline's projector")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="SGD weight decay (PositiveCoOp's code uses 0, DualCoOp's 5e-4)")
+    p.add_argument("--loss-weight", type=float, default=0.03,
+                   help="multiplies the summed loss (the authors' loss_w; their README example uses 0.03)")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at the constant --warmup-lr")
+    p.add_argument("--warmup-lr", type=float, default=0.005, help="lr of every group during warm-up")
+    p.add_argument("--n-ctx", type=int, default=16, help="learned context tokens per prompt")
+    p.add_argument("--shared-context", action="store_true",
+                   help="one context for all classes instead of one per class")
+    p.add_argument("--voc-difficult", choices=["absent", "unknown", "present"], default="absent",
+                   help="how VOC objects marked difficult count (the reference code: absent)")
+    p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="encode every image once (K augmented views for training) and train on the stored "
+                   "features (default: on for the demo, off otherwise)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="Cutout + RandAugment on training images (default: on, off for the demo, whose classes "
+                   "differ by colour, which RandAugment's colour operations wash out)")
+    p.add_argument("--cache-views", type=int, default=8, help="augmented views per training image in the cache")
+    p.add_argument("--cache-dir", default="cache", help="where --cache-features stores the encoded features")
+    p.add_argument("--demo-images", type=int, default=256, help="demo training images (the test split has half)")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: last epoch only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label mask, the head's init and the data order")
+    p.add_argument("--out", default=None, help="output folder (default runs/<data>-<head>-<labels>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out (a run "
+                   "with no checkpoint yet starts at epoch 1, keeping any feature cache it had begun)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    args = p.parse_args(argv)
+    if not 0 < args.labels <= 1:
+        p.error(f"--labels {args.labels} is outside (0, 1]: give the fraction of training labels to keep, "
+                f"e.g. --labels 0.1 for 10%")
+    for name in ("epochs", "batch_size", "cache_views", "n_ctx", "image_size", "demo_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers} must be 0 (load in the main process) or more")
+    if args.clip and args.clip not in clip.available_models() and not os.path.isfile(args.clip):
+        p.error(f"--clip {args.clip}: no such file, and not one of the model names {clip.available_models()}")
+    demo = args.data == "demo"
+    args.cache_features = demo if args.cache_features is None else args.cache_features
+    args.augment = not demo if args.augment is None else args.augment
+    args.image_size = args.image_size or (224 if demo else 448)
+    args.data_root = args.data_root or os.path.join("data", {"voc": "voc2007", "coco": "coco2014"}.get(args.data, ""))
+    args.out = args.out or os.path.join("runs", f"{args.data}-{args.head}-{args.labels:g}-seed{args.seed}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device; give auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here; use --device cpu (or auto)")
+    return args
+
+
+def settings_of(args):
+    """What a run's numbers depend on: saved with it, and compared on --resume (and by the sweep)."""
+    keys = ["head", "data", "labels", "seed", "clip", "image_size", "epochs", "batch_size", "lr_prompt",
+            "lr_embedding", "lr_linear", "momentum", "weight_decay", "loss_weight", "warmup_epochs", "warmup_lr",
+            "n_ctx", "shared_context", "voc_difficult", "augment", "cache_features", "cache_views", "demo_images"]
+    return {k: getattr(args, k) for k in keys}
+
+
+def check_writable(path, option):
+    """Raises RunError unless the folder `path` exists and is writable, or could be created; creates nothing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RunError(f"{option} {path}: {existing} is a file, not a folder, so {path} cannot be created; "
+                       f"give another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"{option} {path}: the folder {existing} is not writable; give a folder you may write to")
+
+
+def load_data(args, say=print):
+    """(train images, (N, C) train labels, test images, (N', C) test labels, class names) that --data names."""
+    if args.data == "demo":
+        # the demo set and its CLIP are fixed (seed 0) like a real dataset; --seed varies mask, init and order
+        say(f"generating the demo images ({args.demo_images} training, {max(1, args.demo_images // 2)} test)")
+        train, train_y = demo_split(args.demo_images, 0, args.image_size)
+        test, test_y = demo_split(max(1, args.demo_images // 2), 0, args.image_size, offset=10**6)
+        return train, train_y, test, test_y, list(DEMO_CLASSES)
+    if args.download:
+        (download_voc if args.data == "voc" else download_coco)(args.data_root)
+    say(f"reading the {args.data} annotations in {args.data_root}")
+    if args.data == "voc":
+        train, train_y, names = load_voc(args.data_root, "trainval", args.voc_difficult)
+        test, test_y, _ = load_voc(args.data_root, "test", args.voc_difficult)
+    else:
+        train, train_y, names = load_coco(args.data_root, "train2014")
+        test, test_y, _ = load_coco(args.data_root, "val2014")
+    return train, train_y, test, test_y, names
+
+
+def load_clip(args, calibration_images, say=print):
+    """(model, {"name", "sha256"}) — a real checkpoint, or the demo's random miniature CLIP calibrated on
+    `calibration_images` (the demo's training images) when no weights are there."""
+    name = args.clip or "RN101"
+    if args.data == "demo" and args.clip is None and not os.path.isfile(os.path.join(args.weights_dir, "RN101.pt")):
+        say(f"building the demo's random miniature CLIP (BatchNorm calibrated on {len(calibration_images)} images)")
+        transform = image_transform(args.image_size, train=False)
+        model = tiny_clip(torch.stack([transform(im) for im in calibration_images]), seed=0,
+                          resolution=args.image_size)
+        return model.to(args.device), {"name": "random-tiny", "sha256": None}
+    say(f"loading CLIP {name}")
+    try:
+        model, sha = clip.load(name, device=args.device, root=args.weights_dir)
+    except (ValueError, FileNotFoundError) as e:  # clip.load's word for a bad name or an unreadable file
+        raise RunError(str(e)) from None
+    return model, {"name": name, "sha256": sha}
+
+
+def feature_key(args, clip_info, model):
+    """What stored features depend on, besides the split and view (the cache refuses any mismatch)."""
+    key = {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
+           "image_size": args.image_size, "data_root": None if args.data == "demo" else os.path.abspath(args.data_root)}
+    if clip_info["sha256"] is None:  # an unsaved model (the demo's): named by its weights
+        key["weights"] = weights_fingerprint(model)
+    return key
