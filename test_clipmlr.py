@@ -629,6 +629,37 @@ def test_clip_encode_dense_matches_direct_computation(tiny, size):
                 torch.testing.assert_close(dense[:, 1 + i * w + j], want, rtol=1e-5, atol=1e-5)
 
 
+def test_in_place_encoder_is_bit_identical_and_differentiable(tiny):
+    """The trunk's in-place ReLUs and residual sums give the very bits of the same modules run out of place,
+    and gradients still flow through them (BatchNorm's backward needs its input, not its output)."""
+    visual = copy.deepcopy(tiny.visual).train()  # training-mode BatchNorm: its backward is the demanding one
+
+    def out_of_place(x):
+        x = F.relu(visual.bn1(visual.conv1(x)))
+        x = F.relu(visual.bn2(visual.conv2(x)))
+        x = visual.avgpool(F.relu(visual.bn3(visual.conv3(x))))
+        for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            for b in stage:
+                out = F.relu(b.bn1(b.conv1(x)))
+                out = F.relu(b.bn2(b.conv2(out)))
+                out = b.bn3(b.conv3(b.avgpool(out)))
+                x = F.relu(out + (x if b.downsample is None else b.downsample(x)))
+        return x
+
+    images, _ = _inputs(size=64)
+    for m in visual.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 0.0  # the running statistics stay put, so both passes see the same
+    grads = []
+    for forward in (visual.trunk, out_of_place):
+        x = images.clone().requires_grad_()
+        y = forward(x)
+        y.square().mean().backward()
+        grads.append((y.detach(), x.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-9)
+
+
 def test_clip_encode_dense_grid_of_one(tiny):
     """At 32 px the grid is 1x1. Bicubic (a = -0.75, align_corners=False) from 2x2 to 1x1 samples the centre:
     taps at -1.5, -0.5, 0.5, 1.5 weigh -0.09375, 0.59375, 0.59375, -0.09375 and the border is replicated,

@@ -40,11 +40,13 @@ class Bottleneck(nn.Module):
             self.downsample.add_module("1", nn.BatchNorm2d(planes * 4))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        # in place: each ReLU and the residual sum reuse the buffer a BatchNorm just made, instead of allocating
+        # another map as large (the same values; safe for autograd: BatchNorm's backward needs its input only)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(self.avgpool(out)))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity)
+        out += x if self.downsample is None else self.downsample(x)
+        return F.relu(out, inplace=True)
 
 
 class AttentionPool2d(nn.Module):
@@ -125,9 +127,9 @@ class ModifiedResNet(nn.Module):
     def trunk(self, x):
         """(B, 3, S, S) images -> (B, 32*width, S/32, S/32) layer4 map."""
         x = x.to(self.conv1.weight.dtype)
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
+        x = F.relu(self.bn3(self.conv3(x)), inplace=True)
         x = self.avgpool(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
