@@ -127,13 +127,14 @@ def run(args):
         key = cli.feature_key(args, clip_info, model)
         say(f"encoding the features: test images x 1, training images x {views} view(s), cached in {args.cache_dir}")
         build = dict(encode=encode, batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir)
+        test_set = cache.encode_split(test_set, 1, key={**key, "split": "test", "view": "plain"}, **build)  # short
         train_set = cache.encode_split(train_set, views, key={**key, "split": "train",
                                                               "view": "augmented" if args.augment else "plain"}, **build)
-        test_set = cache.encode_split(test_set, 1, key={**key, "split": "test", "view": "plain"}, **build)
         workers = 0  # reading stored arrays needs no worker processes
     elif isinstance(train[0], str):  # every image must decode before epoch 1, not fail in epoch 37
-        say(f"checking that all {len(train) + len(test)} images decode ({args.workers} workers)")
-        check_decodable(list(train) + list(test), args.workers)
+        paths = list(train) + list(test)
+        say(f"checking that all {len(paths)} images decode ({args.workers} workers" + (f" x {world} processes)" if world > 1 else ")"))
+        check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] a share each
 
     def features_of(batch):  # a batch of images -> the frozen CLIP's features; with the cache, already those
         return batch.to(device, non_blocking=True).float() if args.cache_features else encode(batch)

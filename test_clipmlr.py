@@ -917,7 +917,7 @@ def test_download_sha256_mismatch(served, tmp_path, monkeypatch):
     assert wrong in str(e.value) and url in str(e.value)
     assert server.requests == ["/tiny.pt"]
     assert not (root / "tiny.pt").exists()
-    assert os.listdir(root) == []
+    assert not root.exists()  # the folder this download made is removed again: nothing empty left behind
 
 
 def test_download_truncated_transfer(served, tmp_path):
@@ -929,7 +929,7 @@ def test_download_truncated_transfer(served, tmp_path):
     assert url in str(e.value)
     assert server.requests == ["/tiny.pt"]
     assert not (root / "tiny.pt").exists()
-    assert os.listdir(root) == []
+    assert not root.exists()  # the folder this download made is removed again: nothing empty left behind
 
 
 def test_download_server_unreachable(tmp_path, monkeypatch):
@@ -976,7 +976,7 @@ def test_download_reply_that_is_not_http(tmp_path, monkeypatch):
         thread.join(5)
         listener.close()
     assert url in str(e.value) and sha in str(e.value)
-    assert os.listdir(root) == []
+    assert not os.path.exists(root)  # the folder this download made is removed again
 
 
 def test_download_replaces_corrupt_file(served, tmp_path):
@@ -1173,7 +1173,8 @@ def test_bad_input_is_one_clear_message(tmp_path):
                         (["--data", "voc", "--data-root", str(tmp_path / "nowhere")], ["nowhere", "--download"]),
                         (["--data", "coco", "--data-root", str(tmp_path / "nowhere")], ["nowhere", "--download"]),
                         (["--clip", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")], ["missing.pt"]),
-                        (["--clip", "RN102", "--out", str(tmp_path / "o2")], ["RN102", "RN101"])]:
+                        (["--clip", "RN102", "--out", str(tmp_path / "o2")], ["RN102", "RN101"]),
+                        (["--image-size", "8"], ["--image-size 8", "32"])]:
         code, out, err = _run_cli(*argv, "--workers", "0", cwd=str(tmp_path))
         assert code == 2, (argv, out, err)
         assert "Traceback" not in err, err
@@ -2085,7 +2086,7 @@ def test_failed_start_leaves_nothing(tmp_path, monkeypatch):
     code = run.main(["--data", "voc", "--download", "--data-root", str(tmp_path / "data" / "voc2007"),
                      "--out", str(tmp_path / "out2"), "--workers", "0"])
     assert code == 2
-    assert not (tmp_path / "data").exists() or not os.listdir(tmp_path / "data")
+    assert not (tmp_path / "data").exists()  # not even the empty data/ above data/voc2007/
     assert not (tmp_path / "out2").exists()
 
 
@@ -2273,3 +2274,43 @@ def test_library_code_leaves_the_global_random_state_alone(demo):
     cache_features.encode_split(data, 2, enc(model), 4, 0)
     cache_features.encode_split(data, 1, enc(model), 4, 2)
     assert random.getstate() == before[0] and torch.equal(torch.random.get_rng_state(), before[1])
+
+
+def test_more_bad_input_is_one_line(tmp_path, capsys):
+    """A prompt longer than the text encoder's context, a damaged feature cache: one line, exit 2."""
+    base = [*DEMO, "--demo-images", "16", "--image-size", "64", "--epochs", "1", "--cache-dir", str(tmp_path / "c")]
+    assert run.main([*base, "--n-ctx", "80", "--out", str(tmp_path / "a")]) == 2
+    assert "80 context tokens" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert run.main([*base, "--out", str(tmp_path / "b")]) == 0
+    [folder] = [d for d in (tmp_path / "c").iterdir() if "-train-" in d.name]
+    done = (folder / "done.npy").read_bytes()
+    (folder / "done.npy").write_bytes(done[: len(done) // 2])  # cut short
+    assert run.main([*base, "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "is unreadable" in err and "delete that folder" in err and str(folder) in err
+
+
+def test_analysis_failures_are_one_line_and_early(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    for command in (["zeroshot"], ["negation"], ["maps", "--index", "0"]):
+        assert analysis.main([*command, *DEMO_ARGS, "--out", str(tmp_path / "a-file" / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and "not a folder" in err, (command, err)
+    assert analysis.main(["zeroshot", *DEMO_ARGS, "--cache-features", "--cache-dir", str(tmp_path / "a-file" / "c"),
+                          "--out", str(tmp_path / "z")]) == 2
+    assert "--cache-dir" in capsys.readouterr().err
+    assert analysis.main(["zeroshot", *DEMO_ARGS, "--presence", "a photo", "--out", str(tmp_path / "z")]) == 2
+    assert "exactly one {}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+def test_zero_shot_json_is_strict_with_null_for_classes_without_positives(tmp_path):
+    """Two demo images: the test split is one image, so most classes have no positive there."""
+    argv = ["zeroshot", "--data", "demo", "--demo-images", "2", "--image-size", "64", "--workers", "0",
+            "--no-cache-features", "--out", str(tmp_path)]
+    assert analysis.main(argv) == 0
+    result = _strict_json(tmp_path / "results.json")
+    _, test_y = demo_split(1, 0, 64, offset=10**6)
+    present = {n for n, y in zip(["circle", "square", "triangle", "cross", "ring", "bar"], test_y[0]) if y == 1}
+    assert {n for n, a in result["per_class_ap"].items() if a is not None} == present
+    assert "| – |" in (tmp_path / "table.md").read_text()

@@ -206,10 +206,12 @@ def open_cache(folder, key, shape_of, chunk):
             check_meta(folder, meta, key)
             stored = np.load(features_path, mmap_mode="r").shape
             done = np.load(os.path.join(folder, "done.npy"))
-        except (OSError, json.JSONDecodeError, EOFError) as e:
-            raise CacheError(f"the feature cache {folder} is unreadable ({e}); delete that folder") from None
-        if list(stored) != meta["shape"] or list(stored[:2]) != [key["views"], key["n_images"]] \
-                or done.shape != (stored[0], -(-stored[1] // meta["chunk"])):
+            consistent = list(stored) == meta["shape"] and list(stored[:2]) == [key["views"], key["n_images"]] \
+                and done.shape == (stored[0], -(-stored[1] // meta["chunk"]))
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:  # damaged: cut short, overwritten, ...
+            raise CacheError(f"the feature cache {folder} is unreadable ({type(e).__name__}: {e}); delete that "
+                             f"folder") from None
+        if not consistent:
             raise CacheError(f"the feature cache {folder} is inconsistent (features {tuple(stored)}, progress "
                              f"{done.shape}, meta {meta['shape']}); delete that folder")
         return meta, done

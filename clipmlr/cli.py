@@ -19,14 +19,15 @@ from .checkpoint import CheckpointError
 from .data import DataError, image_transform, load_coco, load_voc
 from .demo import DEMO_CLASSES, demo_split, tiny_clip
 from .download import download_coco, download_voc
-from .heads import HEADS
+from .heads import HEADS, HeadError
 
 
 class RunError(Exception):
     """A run that cannot start or go on (a folder that cannot be written, a loss that became NaN, ...)."""
 
 
-ERRORS = (RunError, DataError, CheckpointError, CacheError, clip.DownloadError)  # the user's to fix: one line
+ERRORS = (RunError, DataError, CheckpointError, CacheError, HeadError, clip.DownloadError, clip.LoadError,
+          clip.NoCheckpoint)  # the user's to fix: one line
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -91,6 +92,9 @@ def parse_args(argv=None, prog=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if args.image_size is not None and args.image_size < 32:
+        p.error(f"--image-size {args.image_size} is below 32: the image encoder downsamples by 32, so give at "
+                f"least 32 (the paper: 448)")
     if args.workers < 0:
         p.error(f"--workers {args.workers} must be 0 (load in the main process) or more")
     if args.clip and args.clip not in clip.available_models() and not os.path.isfile(args.clip):
@@ -163,10 +167,7 @@ def load_clip(args, calibration_images, say=print):
                           resolution=args.image_size)
         return model.to(args.device), {"name": "random-tiny", "sha256": None}
     say(f"loading CLIP {name}")
-    try:
-        model, sha = clip.load(name, device=args.device, root=args.weights_dir)
-    except (ValueError, FileNotFoundError) as e:  # clip.load's word for a bad name or an unreadable file
-        raise RunError(str(e)) from None
+    model, sha = clip.load(name, device=args.device, root=args.weights_dir)
     return model, {"name": name, "sha256": sha}
 
 

@@ -9,6 +9,7 @@ import shutil
 
 from torchvision.datasets.utils import download_and_extract_archive
 
+from .clip.load import outermost_missing
 from .data import DataError, find_voc
 
 COCO_BASE_URL = "http://images.cocodataset.org"
@@ -21,12 +22,12 @@ COCO_URLS = {  # archive -> md5, as published by cocodataset.org
 
 def fetch(what, root, get):
     """Runs a download, turning a network or checksum failure into one clear DataError."""
-    created = not os.path.exists(root)
+    created = outermost_missing(root)
     try:
         get()
     except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError on bad md5
         if created:
-            shutil.rmtree(root, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise DataError(f"could not download {what} into {os.path.abspath(root)} ({getattr(e, 'reason', e)}). "
                         f"Without network, download it on another machine, unpack it there (see README.md, "
                         f"'Data') and pass --data-root") from None

@@ -20,6 +20,10 @@ from .aggregation import aggregate, prompt_logits
 from .clip import tokenize
 
 
+class HeadError(ValueError):
+    """A head that cannot be built from the arguments given (unknown name, a prompt longer than CLIP's context)."""
+
+
 class Prompts(nn.Module):
     """Learned context vectors around fixed class-name tokens; `forward` gives their (C, D) text features."""
 
@@ -29,8 +33,12 @@ class Prompts(nn.Module):
         shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
         self.ctx = nn.Parameter(torch.randn(shape) * 0.02)  # N(0, 0.02²), CoOp's initialisation
         # "X" placeholders reserve one token each for the learned vectors
-        ids = tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in classnames],
-                       context_length=clip_model.context_length)  # (C, T)
+        try:
+            ids = tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in classnames],
+                           context_length=clip_model.context_length)  # (C, T)
+        except ValueError as e:  # the tokenizer's word for a prompt over the context length
+            raise HeadError(f"{n_ctx} context tokens and a class name do not fit the text encoder's "
+                            f"{clip_model.context_length} tokens ({e}); use fewer context tokens") from None
         eot = ids.argmax(dim=-1)
         ids = ids[:, : int(eot.max()) + 1]  # nothing after the last EOT changes any EOT feature
         with torch.no_grad():
@@ -152,9 +160,9 @@ HEADS = {"baseline": Baseline, "dual": DualCoOp, "positive": PositiveCoOp, "nega
 def build_head(name, clip_model, classnames, n_ctx=16, class_specific=True):
     """A head by name (one of HEADS) for a frozen CLIP; only the head's own parameters are trainable."""
     if name not in HEADS:
-        raise ValueError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
+        raise HeadError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
     if n_ctx < 1:
-        raise ValueError(f"n_ctx must be at least 1, got {n_ctx}")
+        raise HeadError(f"n_ctx must be at least 1, got {n_ctx}")
     clip_model.requires_grad_(False)
     head = HEADS[name](clip_model, list(classnames), n_ctx=n_ctx, class_specific=class_specific)
     return head.to(clip_model.token_embedding.weight.device)

@@ -73,7 +73,8 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     features_of = (lambda x: x.to(device).float()) if args.cache_features else encode
     scores = torch.cat([zero_shot_scores(features_of(x), *embeddings).cpu() for x, _, _ in loader])
     ap = average_precision(scores, test_y)
-    return {"map": 100 * float(np.nanmean(ap)), "per_class_ap": {n: 100 * float(a) for n, a in zip(classnames, ap)},
+    return {"map": 100 * float(np.nanmean(ap)),  # a class with no positive test label: no AP (null), left out
+            "per_class_ap": {n: None if np.isnan(a) else 100 * float(a) for n, a in zip(classnames, ap)},
             "presence": presence, "absence": absence, "data": args.data, "image_size": args.image_size,
             "test_images": len(test), "clip": clip_info, "settings": zero_shot_settings(args)}
 
@@ -92,13 +93,22 @@ def zero_shot_markdown(result):
               f"\"{result['absence']}\"; the heads' aggregation (20·cos, softmax over positions) and mAP on "
               f"{result['test_images']} test images.", "", f"mAP: {result['map']:.2f}", "",
               "| Class | AP |", "|---|---|"]
-    lines += [f"| {n} | {a:.1f} |" for n, a in result["per_class_ap"].items()]
+    lines += [f"| {n} | {'–' if a is None else f'{a:.1f}'} |" for n, a in result["per_class_ap"].items()]
     return "\n".join(lines) + "\n"
+
+
+def check_folders(out, args):
+    """The command's output folder and, with --cache-features, the cache folder must be writable: checked
+    before anything is loaded, so a bad folder is one line at once, not a traceback at the end."""
+    cli.check_writable(out, "--out")
+    if args.cache_features:
+        cli.check_writable(args.cache_dir, "--cache-dir")
 
 
 def cmd_zeroshot(opts, extras):
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis zeroshot")
     out = opts.out or os.path.join("runs", "analysis", f"zeroshot-{args.data}")
+    check_folders(out, args)
     result = zero_shot(args, opts.presence, opts.absence)
     os.makedirs(out, exist_ok=True)
     save_atomic(result, os.path.join(out, "results.json"))
@@ -120,6 +130,7 @@ def cmd_sweep(opts, extras):
             raise AnalysisError(f"the sweep sets {own} for each run itself; give {instead}")
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis sweep")
     out = opts.out or os.path.join("runs", "analysis", f"sweep-{args.data}")
+    check_folders(out, args)
     results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out, opts.run_script)
     zero = None
     if not opts.no_zero_shot:
@@ -142,9 +153,12 @@ def cmd_sweep(opts, extras):
 
 def cmd_negation(opts, extras):
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis negation")
+    if opts.out:
+        check_folders(opts.out, args)
     model, clip_info = load_clip(args)
     name = clip_info["name"]
     out = opts.out or os.path.join("runs", "analysis", f"negation-{os.path.splitext(os.path.basename(name))[0]}")
+    check_folders(out, args)
     similarities = negation_similarities(model, COCO_CLASSES)
     summaries = negation_summary(similarities)
     text = negation_table(summaries, name)
@@ -218,6 +232,8 @@ def cmd_maps(opts, extras):
             settings = json.load(f)["settings"]
         extras = settings_argv(settings) + extras
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis maps")
+    out = opts.out or os.path.join("runs", "analysis", "maps")
+    check_folders(out, args)
     train = test = test_y = classnames = None
     if args.data == "demo" or opts.image is None:
         train, _, test, test_y, classnames = cli.load_data(args)
@@ -256,7 +272,6 @@ def cmd_maps(opts, extras):
         title += " (random miniature CLIP)"
     figure = similarity_figure(image, list(maps.numpy()), ["image" + (f" ({', '.join(present)})" if present else "")]
                                + captions, title, panel=opts.panel, value_name=value_name)
-    out = opts.out or os.path.join("runs", "analysis", "maps")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{label}-{name.replace(' ', '_')}-{source}.png")
     figure.save(path)
@@ -308,6 +323,10 @@ COMMANDS = {"sweep": cmd_sweep, "zeroshot": cmd_zeroshot, "negation": cmd_negati
 def main(argv=None):
     opts, extras = parse_args(argv)
     try:
+        for template in (getattr(opts, "presence", "{}"), getattr(opts, "absence", "{}")):
+            if template.count("{}") != 1:
+                raise AnalysisError(f"the prompt template {template!r} must hold exactly one {{}} for the class "
+                                    f"name, e.g. 'a photo of a {{}}.'")
         COMMANDS[opts.command](opts, extras)
     except (AnalysisError, SweepError, *cli.ERRORS) as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)

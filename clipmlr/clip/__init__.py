@@ -3,9 +3,9 @@
 Public functions: `load`, `available_models`, `build_model`, `tokenize`; the model's `encode_image`,
 `encode_text`, `encode_dense` and `encode_embedded`.
 """
-from .load import DownloadError, available_models, download, load, read_state_dict, sha256_of
+from .load import DownloadError, LoadError, NoCheckpoint, available_models, download, load, read_state_dict, sha256_of
 from .model import CLIP, build_model
 from .tokenizer import tokenize
 
-__all__ = ["CLIP", "DownloadError", "available_models", "build_model", "download", "load", "read_state_dict", "sha256_of",
-           "tokenize"]
+__all__ = ["CLIP", "DownloadError", "LoadError", "NoCheckpoint", "available_models", "build_model", "download",
+           "load", "read_state_dict", "sha256_of", "tokenize"]

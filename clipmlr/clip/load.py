@@ -7,6 +7,7 @@ name and rename only when the file is complete and correct (torch.hub.download_u
 import hashlib
 import http.client
 import os
+import shutil
 import urllib.error
 import warnings
 import zipfile
@@ -29,6 +30,14 @@ class DownloadError(RuntimeError):
     """A checkpoint that could not be fetched or failed its sha256 check; the message says what to do."""
 
 
+class LoadError(ValueError):
+    """A name or file that is no CLIP ResNet checkpoint (unknown, unreadable, truncated, ViT, ...)."""
+
+
+class NoCheckpoint(FileNotFoundError):
+    """A checkpoint path where there is no file."""
+
+
 def available_models():
     """The names `load` accepts (besides file paths)."""
     return list(MODELS)
@@ -46,6 +55,17 @@ def sha256_of(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+def outermost_missing(path):
+    """The outermost folder on the way to `path` that does not exist yet (what makedirs would create first), or
+    None when `path` exists: a failed download removes it again, leaving nothing empty behind."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return None
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
 def download(name, root="weights", url=None, progress=True):
     """Returns the path of a verified checkpoint for `name` in `root`, downloading it if missing or corrupt.
 
@@ -53,7 +73,7 @@ def download(name, root="weights", url=None, progress=True):
     fetched again; a failed transfer leaves nothing under the final name.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown CLIP model {name!r}; the available models are {available_models()}")
+        raise LoadError(f"unknown CLIP model {name!r}; the available models are {available_models()}")
     expected = MODELS[name]
     url = url or model_url(name)
     path = os.path.join(root, f"{name}.pt")
@@ -61,15 +81,20 @@ def download(name, root="weights", url=None, progress=True):
         if sha256_of(path) == expected:
             return path
         print(f"{path} is corrupt or incomplete (its sha256 is not {expected}); downloading it again")
+    created = outermost_missing(root)
     os.makedirs(root, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, path, hash_prefix=expected, progress=progress)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # the last: a reply that is not HTTP
         reason = getattr(e, "reason", e)
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
         raise DownloadError(
             f"could not download CLIP {name} from {url} ({reason}). Without network, fetch that URL on another "
             f"machine and copy the file to {os.path.abspath(path)}; its sha256 must be {expected}.") from None
     except RuntimeError as e:  # torch.hub's hash check (the partial file is already removed)
+        if created:
+            shutil.rmtree(created, ignore_errors=True)
         raise DownloadError(
             f"the file downloaded from {url} is corrupt ({e}); expected sha256 {expected}. "
             f"Run again to retry, or copy a good file to {os.path.abspath(path)}.") from None
@@ -101,14 +126,14 @@ def read_state_dict(path):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise LoadError(
             f"cannot read the checkpoint {path} ({os.path.getsize(path):,} bytes): it is neither a TorchScript "
             f"archive nor a torch.save'd state dict, and may be truncated or corrupt ({type(e).__name__}). "
             f"Delete it and load the model by name to download it again.") from None
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict):
-        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a CLIP state dict")
+        raise LoadError(f"{path} holds a {type(state_dict).__name__}, not a CLIP state dict")
     return state_dict
 
 
@@ -126,14 +151,14 @@ def load(name_or_path="RN101", device="cpu", root="weights", url=None):
     elif os.path.isfile(name_or_path):
         path = name_or_path
     elif os.path.sep in name_or_path or name_or_path.endswith((".pt", ".pth")):
-        raise FileNotFoundError(f"no CLIP checkpoint at {os.path.abspath(name_or_path)}; "
+        raise NoCheckpoint(f"no CLIP checkpoint at {os.path.abspath(name_or_path)}; "
                                 f"give an existing file or one of the names {available_models()}")
     else:
-        raise ValueError(f"unknown CLIP model {name_or_path!r}; the available models are {available_models()}, "
+        raise LoadError(f"unknown CLIP model {name_or_path!r}; the available models are {available_models()}, "
                          f"or give the path of a checkpoint file")
     try:
         model = build_model(read_state_dict(path))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except ValueError as e:  # build_model's word for a state dict that is no CLIP ResNet
+        raise LoadError(f"{path}: {e}") from None
     model.requires_grad_(False)
     return model.to(device), sha or sha256_of(path)
