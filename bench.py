@@ -32,7 +32,8 @@ from clipmlr.analysis.commands import encoder
 from clipmlr.analysis.templates import COCO_CLASSES
 from clipmlr.cache import encode_split, weights_fingerprint
 from clipmlr.clip.model import CLIP
-from clipmlr.data import VOC_CLASSES, ImageDataset, check_decodable, image_transform, read_image
+from clipmlr.augment import image_transform
+from clipmlr.data import VOC_CLASSES, ImageDataset, check_decodable, read_image
 from clipmlr.demo import DEMO_CLASSES, demo_split, tiny_clip
 from clipmlr.heads import HEADS, Prompts, build_head, parameter_groups
 from clipmlr.loss import asymmetric_loss

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipmlr.data import ImageDataset, check_decodable, image_transform, mask_labels
+from clipmlr.augment import image_transform
+from clipmlr.data import ImageDataset, check_decodable, mask_labels
 from clipmlr.heads import build_head, count_trainable, parameter_groups
-from clipmlr.loss import asymmetric_loss
+from clipmlr.loss import asymmetric_loss, loss_weight_rule
 from clipmlr.metrics import average_precision, margin
 from clipmlr import cache, checkpoint, cli, distributed  # the layers
 
@@ -80,9 +81,13 @@ def run(args):
     # data, and the partial labels: each training label kept with probability --labels (Sec. 4), seeded
     train, train_y, test, test_y, classnames = cli.load_data(args, say)
     mask_y = mask_labels(train_y, args.labels, args.seed) if state is None else state["mask"]
-    say(f"data: {args.data}, {len(train)} training images ({(mask_y >= 0).float().mean() * 100:.1f}% of labels "
-        f"known), {len(test)} test images, {len(classnames)} classes; device {device}"
-        + (f", {world} processes" if world > 1 else ""))
+    known = (mask_y >= 0).float().mean().item()
+    say(f"data: {args.data}, {len(train)} training images ({known * 100:.1f}% of labels known), {len(test)} test "
+        f"images, {len(classnames)} classes; device {device}" + (f", {world} processes" if world > 1 else ""))
+    if known == 0:
+        raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
+                           f"give a larger --labels")
+    loss_weight = loss_weight_rule(known) if args.loss_weight is None else args.loss_weight  # 0.03 at 50% of labels
 
     # the frozen CLIP: images (B, 3, S, S) -> dense features (B, L, D), one per grid position + the mean token
     model, clip_info = cli.load_clip(args, train, say)
@@ -101,13 +106,14 @@ def run(args):
 
     # the head, and SGD with one learning rate per kind of parameter (context vectors, embeddings, projector)
     seed_everything(args.seed)
-    head = build_head(args.head, model, classnames, n_ctx=args.n_ctx, class_specific=not args.shared_context)
+    head = build_head(args.head, model, classnames, n_ctx=args.n_ctx, class_specific=not args.shared_context,
+                      absence_weights=args.absence_weights, residual=not args.no_residual)
     groups = parameter_groups(head, args.lr_prompt, args.lr_embedding, args.lr_linear)
     optimizer = torch.optim.SGD(groups, momentum=args.momentum, weight_decay=args.weight_decay)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     say(f"head: {args.head}, {count_trainable(head):,} trainable parameters ("
-        + ", ".join(f"{g['name']} lr {g['lr']:g}" for g in groups) + ")")
+        + ", ".join(f"{g['name']} lr {g['lr']:g}" for g in groups) + f"), loss weight {loss_weight:.4g}")
     history, start_epoch, train_seconds = [], 0, 0.0
     if state is not None:  # [layer: resume]
         head.load_state_dict(state["head"])
@@ -119,7 +125,7 @@ def run(args):
         trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
 
     # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment)
-    train_set = ImageDataset(train, mask_y, image_transform(args.image_size, train=args.augment))
+    train_set = ImageDataset(train, mask_y, image_transform(args.image_size, args.augment, args.randaugment))
     test_set = ImageDataset(test, test_y, image_transform(args.image_size, train=False))
     workers = args.workers
     if args.cache_features:  # [layer: cache] every image encoded once (training images in V augmented views)
@@ -166,7 +172,7 @@ def run(args):
         for batch, targets, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0 or None):
             features = features_of(batch)  # (B, L, D)
             logits = trained(features)  # (B, C, 2): presence, absence
-            loss = args.loss_weight * asymmetric_loss(logits, targets.to(device, non_blocking=True))
+            loss = loss_weight * asymmetric_loss(logits, targets.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             (loss * world).backward()  # [layer: torchrun] DDP averages gradients; x world makes them the sum's
             optimizer.step()
@@ -199,9 +205,14 @@ def run(args):
         "head": args.head, "data": args.data, "labels": args.labels, "seed": args.seed, "map": history[-1]["map"],
         "per_class_ap": {n: None if np.isnan(a) else 100 * float(a) for n, a in zip(classnames, ap)},
         "trainable_params": count_trainable(head), "train_seconds": train_seconds, "history": history,
-        "clip": clip_info, "settings": cli.settings_of(args), "device": str(device), "processes": world,
-        "torch": torch.__version__,
+        "clip": clip_info, "settings": cli.settings_of(args), "loss_weight": loss_weight, "device": str(device),
+        "processes": world, "torch": torch.__version__,
     }
+    evaluated = [h for h in history if "map" in h]
+    if len(evaluated) > 1:  # the authors keep their best epoch on the test set: for comparison with their tables
+        best = max(evaluated, key=lambda h: h["map"])
+        results["best_epoch_selected_on_test"] = {"map": best["map"], "epoch": best["epoch"], "note": "chosen "
+                                                  "on the test set; not the result (that is map, the last epoch)"}
     if rank == 0:
         checkpoint.save_atomic(head.state_dict(), os.path.join(args.out, "head.pt"))
         checkpoint.save_atomic(results, os.path.join(args.out, "results.json"))

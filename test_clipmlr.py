@@ -42,7 +42,8 @@ from clipmlr.aggregation import aggregate, prompt_logits
 from clipmlr.checkpoint import save_atomic
 from clipmlr.clip import build_model, CLIP, tokenize
 from clipmlr.clip.load import model_url, MODELS
-from clipmlr.data import DataError, image_transform, ImageDataset, load_coco, load_voc, mask_labels
+from clipmlr.augment import image_transform
+from clipmlr.data import DataError, ImageDataset, load_coco, load_voc, mask_labels
 from clipmlr.demo import demo_split, tiny_clip
 from clipmlr.heads import build_head, count_trainable, parameter_groups, Prompts
 from clipmlr.loss import asymmetric_loss
@@ -1656,7 +1657,8 @@ def test_killed_cache_build_resumes(demo, tmp_path):
         from PIL import Image
         sys.path.insert(0, {REPO!r})
         from clipmlr import cache as cache_features
-        from clipmlr.data import ImageDataset, image_transform
+        from clipmlr.data import ImageDataset
+        from clipmlr.augment import image_transform
         from clipmlr.demo import tiny_clip
         model = tiny_clip(resolution={SIZE})
         model.load_state_dict(torch.load({str(tmp_path / "clip.pt")!r}))
@@ -2193,7 +2195,7 @@ def test_start_up_says_what_it_is_doing(tmp_path):
 # ------------------------------------------------------------------ the shape: a core and its layers
 
 
-CORE = {"aggregation", "heads", "loss", "metrics", "data"}
+CORE = {"aggregation", "heads", "loss", "metrics", "data", "augment"}
 LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis"}
 
 
@@ -2314,3 +2316,162 @@ def test_zero_shot_json_is_strict_with_null_for_classes_without_positives(tmp_pa
     present = {n for n, y in zip(["circle", "square", "triangle", "cross", "ring", "bar"], test_y[0]) if y == 1}
     assert {n for n, a in result["per_class_ap"].items() if a is not None} == present
     assert "| – |" in (tmp_path / "table.md").read_text()
+
+
+# ------------------------------------------------------------------ the paper, the authors' code and clipmlr: switches
+
+
+def test_absence_side_own_softmax_by_hand():
+    """--absence-weights own: the absence side weighted by the softmax of its own similarities (the paper's
+    reading), where the default (the authors' code) uses the presence side's."""
+    feats = [[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]]
+    pos, neg = [1.0, 1.0], [-1.0, 0.5]
+    s_pos = [20 * _cos(f, pos) for f in feats]
+    s_neg = [20 * _cos(f, neg) for f in feats]
+    own = [math.exp(s) / sum(math.exp(t) for t in s_neg) for s in s_neg]
+    out = prompt_logits(torch.tensor([feats]), torch.tensor([pos]), torch.tensor([neg]), absence_weights="own")
+    assert out[0, 0, 1].item() == pytest.approx(5 * sum(a * b for a, b in zip(own, s_neg)), rel=1e-5)
+    w = [math.exp(s) / sum(math.exp(t) for t in s_pos) for s in s_pos]
+    assert out[0, 0, 0].item() == pytest.approx(5 * sum(a * b for a, b in zip(w, s_pos)), rel=1e-5)
+    head = build_head("dual", _small_clip(), ["a", "b"], n_ctx=2, absence_weights="own")
+    features = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        presence, absence = head.class_embeddings()
+        assert torch.equal(head(features), prompt_logits(features, presence, absence, "own"))
+
+
+@pytest.mark.parametrize("name", ["positive", "negative"])
+def test_heads_without_the_residual(name):
+    clip = _small_clip(embed_dim=512, text_width=512)
+    names = [f"class {i}" for i in range(20)]
+    with_residual = build_head(name, clip, names)
+    without = build_head(name, clip, names, residual=False)
+    assert count_trainable(with_residual) == 184_320 and count_trainable(without) == (16 * 512 + 512) * 20
+    prompts = without.presence_prompts if name == "positive" else without.absence_prompts
+    with torch.no_grad():
+        embeddings = without.class_embeddings()
+        text = prompts(clip)
+    assert torch.equal(embeddings[0 if name == "positive" else 1], text)  # the prompt's feature alone
+    assert {g["name"]: len(g["params"]) for g in parameter_groups(without, 0.1, 1.0, 0.01)} == \
+        {"prompt": 1, "embedding": 1}
+
+
+def test_loss_weight_rule_and_its_use(tmp_path):
+    from clipmlr.loss import loss_weight_rule
+    for fraction, weight in ((0.1, 0.15), (0.5, 0.03), (1.0, 0.015), (0.25, 0.06)):
+        assert loss_weight_rule(fraction) == pytest.approx(weight)
+    # the expected number of summed terms times the weight is the same at every fraction
+    assert 0.1 * loss_weight_rule(0.1) == pytest.approx(0.5 * 0.03)
+    out = tmp_path / "r"
+    assert run.main([*SMALL, "--epochs", "1", "--labels", "0.2", "--out", str(out)]) == 0
+    known = (torch.load(out / "mask.pt") >= 0).float().mean().item()
+    assert _strict_json(out / "results.json")["loss_weight"] == pytest.approx(0.015 / known)
+    assert run.main([*SMALL, "--epochs", "1", "--labels", "0.2", "--loss-weight", "0.5", "--out", str(tmp_path / "f")]) == 0
+    assert _strict_json(tmp_path / "f" / "results.json")["loss_weight"] == 0.5
+
+
+def test_authors_randaugment_draws_the_packages_policy(monkeypatch):
+    """Two (operation, level) draws, uniform over 15 operations x levels 1..9, each applied with p = 0.5."""
+    from clipmlr import augment
+    calls = []
+    monkeypatch.setattr(augment, "apply_authors_op", lambda image, op, level: calls.append((op, level)) or image)
+    policy, n = augment.AuthorsRandAugment(), 20000
+    torch.manual_seed(0)
+    applied = []
+    for _ in range(n):
+        before = len(calls)
+        policy(None)
+        applied.append(len(calls) - before)
+    def five_sigma(p, count):  # five standard deviations of a frequency p estimated from `count` draws
+        return 5 * math.sqrt(p * (1 - p) / count)
+    counts = np.bincount(applied, minlength=3) / n
+    np.testing.assert_allclose(counts, [0.25, 0.5, 0.25], atol=five_sigma(0.5, n))  # Binomial(2, 0.5)
+    ops = np.array([augment.AUTHORS_OPS.index(op) for op, _ in calls])
+    levels = np.array([level for _, level in calls])
+    assert len(set(augment.AUTHORS_OPS)) == 15 and set(levels.tolist()) == set(range(1, 10))
+    np.testing.assert_allclose(np.bincount(ops, minlength=15) / len(ops), 1 / 15, atol=five_sigma(1 / 15, len(ops)))
+    np.testing.assert_allclose(np.bincount(levels, minlength=10)[1:] / len(levels), 1 / 9,
+                               atol=five_sigma(1 / 9, len(levels)))
+
+
+def test_authors_randaugment_magnitudes_and_operations():
+    """The package's scales (np.linspace over 10 points) and its PIL operations, written out independently."""
+    from PIL import ImageEnhance, ImageOps
+    from clipmlr.augment import apply_authors_op, authors_magnitude
+    scales = {"ShearX": np.linspace(0, 0.3, 10), "TranslateY": np.linspace(0, 150 / 331, 10),
+              "Rotate": np.linspace(0, 30, 10), "Color": np.linspace(0.0, 0.9, 10),
+              "Posterize": np.round(np.linspace(8, 4, 10), 0), "Solarize": np.linspace(256, 0, 10),
+              "Cutout": np.round(np.linspace(0, 20, 10), 0)}
+    for op, values in scales.items():
+        for level in range(1, 10):
+            assert authors_magnitude(op, level) == pytest.approx(values[level]), (op, level)
+    assert authors_magnitude("Invert", 5) is None
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    same = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))  # noqa: E731
+    assert same(apply_authors_op(image, "Invert", 3), ImageOps.invert(image))
+    assert same(apply_authors_op(image, "Posterize", 9), ImageOps.posterize(image, 4))
+    assert same(apply_authors_op(image, "Solarize", 6), ImageOps.solarize(image, 256 - 256 * 6 / 9))
+    assert same(apply_authors_op(image, "Equalize", 1), ImageOps.equalize(image))
+    torch.manual_seed(0)
+    got = apply_authors_op(image, "Brightness", 9)  # 1 ± 0.9, the sign drawn at random
+    assert any(same(got, ImageEnhance.Brightness(image).enhance(f)) for f in (1.9, 0.1))
+    cut = np.asarray(apply_authors_op(image, "Cutout", 9))  # an 18 x 18 square (fewer at a border)
+    painted = (cut != np.asarray(image)).any(axis=2) & (cut == np.array([125, 122, 113])).all(axis=2)
+    assert 0 < painted.sum() <= 18 * 18
+    for op in ("ShearX", "TranslateX", "Rotate", "Sharpness", "Contrast", "Color", "AutoContrast"):
+        assert apply_authors_op(image, op, 5).size == image.size
+        tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+        assert apply_authors_op(tensor, op, 5).shape == tensor.shape
+
+
+def test_defaults_are_the_documented_ones():
+    args = cli.parse_args([])
+    assert (args.absence_weights, args.no_residual, args.randaugment, args.loss_weight, args.shared_context) == \
+        ("presence", False, "authors", None, False)
+    assert (args.warmup_lr, args.weight_decay, args.warmup_epochs, args.epochs, args.batch_size) == (0.005, 0.0, 1, 50, 32)
+    assert (args.lr_prompt, args.lr_embedding, args.lr_linear, args.momentum) == (0.002, 1.0, 0.01, 0.9)
+    train = image_transform(448, train=True)
+    assert "AuthorsRandAugment" in repr(train)
+    assert "RandAugment(num_ops=2, magnitude=9" in repr(image_transform(448, True, randaugment="torchvision"))
+    # the README's side-by-side table names each flag with the default above
+    readme = open(os.path.join(REPO, "README.md")).read()
+    table = readme[readme.index("## Paper, authors' code, clipmlr"):]
+    for flag in ("--absence-weights own", "--no-residual", "--loss-weight", "--shared-context",
+                 "--randaugment torchvision", "--warmup-lr", "--weight-decay", "--eval-every", "--protocol paper"):
+        assert flag in table, flag
+
+
+def test_best_epoch_on_test_is_recorded_apart(tmp_path):
+    out = tmp_path / "r"
+    assert run.main([*SMALL, "--epochs", "3", "--eval-every", "1", "--out", str(out)]) == 0
+    results = _strict_json(out / "results.json")
+    maps = [h["map"] for h in results["history"]]
+    best = results["best_epoch_selected_on_test"]
+    assert best["map"] == max(maps) and maps[best["epoch"] - 1] == max(maps) and "not the result" in best["note"]
+    assert results["map"] == maps[-1]  # the result stays the last epoch
+
+
+def test_switches_and_sweep_protocol(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep_module, "train", lambda script, argv: run.main(argv))  # in-process: faster
+    argv = ["switches", *DEMO_ARGS, "--epochs", "1", "--labels", "0.5", "--out", str(tmp_path / "s"),
+            "--cache-dir", str(tmp_path / "c")]
+    assert analysis.main(argv) == 0
+    rows = _table_rows((tmp_path / "s" / "table.md").read_text())
+    assert rows[0] == ["switch", "run.py option", "mAP", "vs defaults"] and len(rows) == 1 + 8
+    runs = {r[1]: r for r in rows[1:]}
+    assert runs["--randaugment torchvision"][2:] == ["–", "cannot matter here"]  # the demo does not augment
+    own = _strict_json(tmp_path / "s" / "1-absence-weights" / "results.json")
+    assert own["settings"]["absence_weights"] == "own"
+    default = _strict_json(tmp_path / "s" / "0-defaults" / "results.json")
+    assert float(runs["--absence-weights own"][3]) == pytest.approx(own["map"] - default["map"], abs=0.006)
+    # the sweep offers the paper's protocol and says which one its table used
+    for protocol, words in (("paper", "the paper's protocol (encoder in the loop"), ("cached", "cached features")):
+        out = tmp_path / protocol
+        assert analysis.main(["sweep", "--heads", "baseline", "--labels", "1", "--protocol", protocol, "--no-zero-shot",
+                              *DEMO_ARGS, "--epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+        assert words in (out / "table.md").read_text()
+        result = _strict_json(out / "demo-baseline-1-seed0" / "results.json")
+        assert result["settings"]["cache_features"] == (protocol == "cached")
+    assert analysis.main(["sweep", "--cache-features", *DEMO_ARGS]) == 2
+    assert "--protocol cached" in capsys.readouterr().err

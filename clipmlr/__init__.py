@@ -6,7 +6,8 @@ The core is the method, and imports nothing else of clipmlr:
     heads.py         the Baseline, DualCoOp, PositiveCoOp and NegativeCoOp heads, and their parameter groups
     loss.py          the asymmetric loss on the 2-way softmax, unknown labels ignored
     metrics.py       the logit margin and the mAP it ranks by
-    data.py          VOC2007 / COCO2014 readers, label masking, the paper's transforms, the decoding check
+    data.py          VOC2007 / COCO2014 readers, label masking, the decoding check
+    augment.py       the paper's transforms: resize, Cutout, RandAugment (the authors' policy or torchvision's)
 The layers go beyond the paper; they may import the core, the core never imports them:
     cli.py           the options shared by run.py and the analyses; loading the data and CLIP they name
     cache.py         dense features computed once and kept on disk

@@ -21,14 +21,19 @@ def aggregate(scores, weights_from):
     return LOGIT_SCALE * (weights * scores).sum(dim=1)
 
 
-def prompt_logits(features, presence, absence):
+ABSENCE_WEIGHTS = ("presence", "own")  # the spatial weights of the absence side: the default first
+
+
+def prompt_logits(features, presence, absence, absence_weights="presence"):
     """Aggregated logits of a prompt head: (B, L, D) features, (C, D) and (C, D) embeddings -> (B, C, 2).
 
-    s_± = 20 · cos(feature at l, embedding_±); both sides use the softmax of the presence side, s_+, as their
-    spatial weights (as DualCoOp and PositiveCoOp compute it). [..., 0] presence, [..., 1] absence.
+    s_± = 20 · cos(feature at l, embedding_±). By default both sides use the softmax of the presence side, s_+,
+    as their spatial weights, as DualCoOp's and PositiveCoOp's code computes it; absence_weights="own" gives the
+    absence side the softmax of its own s_−, as the paper's Sec. 3.1 reads. [..., 0] presence, [..., 1] absence.
     """
     features = F.normalize(features, dim=-1)
     embeddings = F.normalize(torch.cat([presence, absence]), dim=-1)  # (2C, D)
     scores = SIMILARITY_SCALE * features @ embeddings.to(features.dtype).t()  # (B, L, 2C)
     s_pos, s_neg = scores.chunk(2, dim=-1)  # (B, L, C) each
-    return torch.stack([aggregate(s_pos, s_pos), aggregate(s_neg, s_pos)], dim=-1)  # (B, C, 2)
+    weights = {"presence": s_pos, "own": s_neg}[absence_weights]
+    return torch.stack([aggregate(s_pos, s_pos), aggregate(s_neg, weights)], dim=-1)  # (B, C, 2)

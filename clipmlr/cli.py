@@ -16,7 +16,8 @@ import torch
 from . import clip
 from .cache import CacheError, weights_fingerprint
 from .checkpoint import CheckpointError
-from .data import DataError, image_transform, load_coco, load_voc
+from .augment import image_transform
+from .data import DataError, load_coco, load_voc
 from .demo import DEMO_CLASSES, demo_split, tiny_clip
 from .download import download_coco, download_voc
 from .heads import HEADS, HeadError
@@ -59,13 +60,23 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="SGD weight decay (PositiveCoOp's code uses 0, DualCoOp's 5e-4)")
-    p.add_argument("--loss-weight", type=float, default=0.03,
-                   help="multiplies the summed loss (the authors' loss_w; their README example uses 0.03)")
+    p.add_argument("--loss-weight", type=float, default=None,
+                   help="multiplies the summed loss (the authors' loss_w; default: 0.03 · 0.5 / the fraction of "
+                   "training labels known, which is their 0.03 at 50%% and keeps the loss's scale at other "
+                   "fractions; give a number to fix it)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at the constant --warmup-lr")
     p.add_argument("--warmup-lr", type=float, default=0.005, help="lr of every group during warm-up")
     p.add_argument("--n-ctx", type=int, default=16, help="learned context tokens per prompt")
     p.add_argument("--shared-context", action="store_true",
                    help="one context for all classes instead of one per class")
+    p.add_argument("--absence-weights", choices=["presence", "own"], default="presence",
+                   help="spatial weights of the absence side: the presence side's softmax (the authors' code) or "
+                   "its own (as the paper's Sec. 3.1 reads)")
+    p.add_argument("--no-residual", action="store_true", help="PositiveCoOp / NegativeCoOp without the learned "
+                   "residual on the prompt's text feature (the authors' code has it; the paper does not describe it)")
+    p.add_argument("--randaugment", choices=["authors", "torchvision"], default="authors",
+                   help="RandAugment policy: the authors' (2 of 15 operations, each p=0.5, magnitude 1-9 drawn each "
+                   "time) or torchvision's (2 of 14, always applied, fixed magnitude 9)")
     p.add_argument("--voc-difficult", choices=["absent", "unknown", "present"], default="absent",
                    help="how VOC objects marked difficult count (the reference code: absent)")
     p.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
@@ -120,7 +131,8 @@ def settings_of(args):
     """What a run's numbers depend on: saved with it, and compared on --resume (and by the sweep)."""
     keys = ["head", "data", "labels", "seed", "clip", "image_size", "epochs", "batch_size", "lr_prompt",
             "lr_embedding", "lr_linear", "momentum", "weight_decay", "loss_weight", "warmup_epochs", "warmup_lr",
-            "n_ctx", "shared_context", "voc_difficult", "augment", "cache_features", "cache_views", "demo_images"]
+            "n_ctx", "shared_context", "absence_weights", "no_residual", "randaugment", "voc_difficult", "augment",
+            "cache_features", "cache_views", "demo_images"]
     return {k: getattr(args, k) for k in keys}
 
 

@@ -2,23 +2,19 @@
 
 A dataset here is a list of image paths with a (N, C) label matrix: 1 present, 0 absent, −1 unknown. Annotation
 files are read and checked up front, and `check_decodable` decodes every image once, so a broken file is
-reported by name before any training starts. (Downloads are a layer: clipmlr/download.py.)
+reported by name before any training starts. The images' transforms are in augment.py; downloads are a layer
+(clipmlr/download.py).
 
 Protocol (PositiveCoOp paper Sec. 4, following DualCoOp): VOC2007 trains on trainval and tests on test; COCO2014
 trains on train2014 and tests on val2014. Shape key: N images, C classes.
 """
 import json
 import os
-import random
 import xml.etree.ElementTree as ET
 
 import torch
-from PIL import Image, ImageDraw
-from torchvision import transforms as T
+from PIL import Image
 from tqdm import tqdm
-
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's preprocessing statistics
-STD = (0.26862954, 0.26130258, 0.27577711)
 
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -186,32 +182,6 @@ def check_decodable(paths, workers=0):
     if bad:
         raise DataError(f"{len(bad)} of {len(paths)} images do not decode; the first: {bad[0]}. Restore them from "
                         f"the dataset's archive (or --download again into an empty --data-root)")
-
-
-# ---------------------------------------------------------------------------------------------------- transforms
-
-class Cutout:
-    """Paints one square of half the image side, at a random centre, in a random colour (DualCoOp's CutoutPIL)."""
-
-    def __init__(self, factor=0.5):
-        self.factor = factor
-
-    def __call__(self, image):
-        w, h = image.size
-        side_w, side_h = int(w * self.factor), int(h * self.factor)
-        x, y = random.randint(0, w - 1), random.randint(0, h - 1)
-        box = (max(0, x - side_w // 2), max(0, y - side_h // 2), min(w, x + side_w // 2), min(h, y + side_h // 2))
-        image = image.copy()
-        ImageDraw.Draw(image).rectangle(box, fill=tuple(random.randint(0, 255) for _ in range(3)))
-        return image
-
-
-def image_transform(size, train):
-    """Plain resize to size × size; for training Cutout then RandAugment (torchvision's) first."""
-    steps = [T.Resize((size, size))]  # bilinear, as the reference code
-    if train:
-        steps += [Cutout(0.5), T.RandAugment()]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ D feature dim, L positions, T tokens, W text width, X context tokens.
 import torch
 from torch import nn
 
-from .aggregation import aggregate, prompt_logits
+from .aggregation import ABSENCE_WEIGHTS, aggregate, prompt_logits
 from .clip import tokenize
 
 
@@ -57,11 +57,13 @@ class Prompts(nn.Module):
 
 
 class Head(nn.Module):
-    """Shared plumbing: a frozen CLIP held outside the parameters and the state dict."""
+    """Shared plumbing: a frozen CLIP held outside the parameters and the state dict, and the spatial weights
+    of the absence side (see `prompt_logits`)."""
 
-    def __init__(self, clip_model):
+    def __init__(self, clip_model, absence_weights="presence"):
         super().__init__()
         self._clip = [clip_model]  # a list hides it from nn.Module: its weights are CLIP's, not the head's
+        self.absence_weights = absence_weights
 
     @property
     def clip(self):
@@ -78,7 +80,7 @@ class Head(nn.Module):
         raise NotImplementedError
 
     def logits(self, features, embeddings):
-        return prompt_logits(features, *embeddings)
+        return prompt_logits(features, *embeddings, self.absence_weights)
 
     def forward(self, features):
         """(B, L, D) dense features -> (B, C, 2) logits."""
@@ -88,7 +90,7 @@ class Head(nn.Module):
 class Baseline(Head):
     """No text at all: a linear projector D -> 2C at every position, then a per-channel softmax (Sec. 3.1)."""
 
-    def __init__(self, clip_model, classnames, **unused):
+    def __init__(self, clip_model, classnames, **unused):  # each channel has its own softmax by construction
         super().__init__(clip_model)
         self.proj = nn.Linear(clip_model.embed_dim, 2 * len(classnames))
 
@@ -107,8 +109,8 @@ class Baseline(Head):
 class DualCoOp(Head):
     """A learned presence prompt and a learned absence prompt per class, through the frozen text encoder."""
 
-    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True, absence_weights="presence", **unused):
+        super().__init__(clip_model, absence_weights)
         self.presence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
         self.absence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
 
@@ -120,51 +122,66 @@ class DualCoOp(Head):
 
 
 class PositiveCoOp(Head):
-    """A learned presence prompt (plus a learned residual, as in the authors' code) and a free absence
-    embedding that never goes through the text encoder."""
+    """A learned presence prompt (plus a learned residual, as in the authors' code; `residual=False` leaves it
+    out, as the paper describes the head) and a free absence embedding that never goes through the text encoder."""
 
-    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True, absence_weights="presence",
+                 residual=True):
+        super().__init__(clip_model, absence_weights)
         shape = (len(classnames), clip_model.embed_dim)
         self.presence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
-        self.presence_residual = nn.Parameter(torch.randn(shape))  # N(0, 1), added before normalising
+        self.presence_residual = nn.Parameter(torch.randn(shape)) if residual else None  # N(0, 1), before normalising
         self.absence = nn.Parameter(torch.randn(shape))  # N(0, 1)
 
     def class_embeddings(self):
-        return self.presence_prompts(self.clip) + self.presence_residual, self.absence
+        presence = self.presence_prompts(self.clip)
+        return presence if self.presence_residual is None else presence + self.presence_residual, self.absence
 
     def groups(self):
-        return {"prompt": [self.presence_prompts.ctx], "embedding": [self.presence_residual, self.absence]}
+        free = [self.absence] + ([] if self.presence_residual is None else [self.presence_residual])
+        return {"prompt": [self.presence_prompts.ctx], "embedding": free}
 
 
 class NegativeCoOp(Head):
     """The mirror of PositiveCoOp: a learned absence prompt (+ residual) and a free presence embedding."""
 
-    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True):
-        super().__init__(clip_model)
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True, absence_weights="presence",
+                 residual=True):
+        super().__init__(clip_model, absence_weights)
         shape = (len(classnames), clip_model.embed_dim)
         self.absence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
-        self.absence_residual = nn.Parameter(torch.randn(shape))
+        self.absence_residual = nn.Parameter(torch.randn(shape)) if residual else None
         self.presence = nn.Parameter(torch.randn(shape))
 
     def class_embeddings(self):
-        return self.presence, self.absence_prompts(self.clip) + self.absence_residual
+        absence = self.absence_prompts(self.clip)
+        return self.presence, absence if self.absence_residual is None else absence + self.absence_residual
 
     def groups(self):
-        return {"prompt": [self.absence_prompts.ctx], "embedding": [self.absence_residual, self.presence]}
+        free = [self.presence] + ([] if self.absence_residual is None else [self.absence_residual])
+        return {"prompt": [self.absence_prompts.ctx], "embedding": free}
 
 
 HEADS = {"baseline": Baseline, "dual": DualCoOp, "positive": PositiveCoOp, "negative": NegativeCoOp}
 
 
-def build_head(name, clip_model, classnames, n_ctx=16, class_specific=True):
-    """A head by name (one of HEADS) for a frozen CLIP; only the head's own parameters are trainable."""
+def build_head(name, clip_model, classnames, n_ctx=16, class_specific=True, absence_weights="presence",
+               residual=True):
+    """A head by name (one of HEADS) for a frozen CLIP; only the head's own parameters are trainable.
+
+    The defaults are the authors' code: class-specific context, the presence side's spatial weights for both
+    sides, and PositiveCoOp's / NegativeCoOp's residual on. The baseline takes none of these options.
+    """
     if name not in HEADS:
         raise HeadError(f"unknown head {name!r}; choose one of {sorted(HEADS)}")
     if n_ctx < 1:
         raise HeadError(f"n_ctx must be at least 1, got {n_ctx}")
+    if absence_weights not in ABSENCE_WEIGHTS:
+        raise HeadError(f"absence_weights {absence_weights!r}: choose one of {ABSENCE_WEIGHTS}")
     clip_model.requires_grad_(False)
-    head = HEADS[name](clip_model, list(classnames), n_ctx=n_ctx, class_specific=class_specific)
+    options = {} if name == "dual" else {"residual": residual}
+    head = HEADS[name](clip_model, list(classnames), n_ctx=n_ctx, class_specific=class_specific,
+                       absence_weights=absence_weights, **options)
     return head.to(clip_model.token_embedding.weight.device)
 
 

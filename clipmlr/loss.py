@@ -28,3 +28,14 @@ def asymmetric_loss(logits, targets, gamma_pos=1.0, gamma_neg=2.0, clip=0.05, ep
         weight = torch.where(positive, (1 - p) ** gamma_pos, (1 - q) ** gamma_neg)
     loss = torch.where(positive, torch.log(p.clamp(min=eps)), torch.log(q.clamp(min=eps)))
     return -(weight * loss * (positive | negative)).sum()
+
+
+def loss_weight_rule(known_fraction, weight_at_half=0.03):
+    """The default loss weight: 0.03 · 0.5 / (fraction of training labels known).
+
+    The loss is a sum over the known labels, so with 10% of labels it has a fifth of the terms it has with 50%,
+    and a fifth of the gradient. The authors use 0.03 at 50% (their README) and "larger for smaller fractions"
+    without publishing the values; this rule keeps the expected number of summed terms, times the weight, what
+    it is at 50% with 0.03 (10%: 0.15; 100%: 0.015).
+    """
+    return weight_at_half * 0.5 / known_fraction

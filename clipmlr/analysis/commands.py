@@ -1,6 +1,7 @@
 """The PositiveCoOp paper's analyses as commands, on any CLIP checkpoint or the demo's random miniature CLIP.
 
     python -m clipmlr.analysis sweep --data voc --heads baseline dual positive negative --labels 0.1 0.5 0.9
+    python -m clipmlr.analysis switches --data demo --labels 0.3   # the paper vs the authors' code, one at a time
     python -m clipmlr.analysis zeroshot --data voc             # hand-written prompts, no training
     python -m clipmlr.analysis negation --clip RN101           # Sec. 5.2, Table 2
     python -m clipmlr.analysis maps --data demo --index 3 [--run runs/demo-positive-1-seed0]    # Fig. 1
@@ -21,13 +22,15 @@ from PIL import Image
 from .. import cli
 from ..cache import encode_split
 from ..checkpoint import save_atomic
-from ..data import ImageDataset, image_transform
+from ..augment import image_transform
+from ..data import ImageDataset
 from ..heads import HEADS, build_head
 from ..metrics import average_precision
 from .plots import similarity_figure
 from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table, similarity_maps,
                          text_features, zero_shot_scores)
 from .sweep import DEMO_NOTE, PROPORTIONS, SweepError, run_sweep, write_sweep
+from .switches import run_switches, switches_table
 from .templates import ABSENCE, COCO_CLASSES, PRESENCE, fill
 
 
@@ -125,13 +128,14 @@ def cmd_sweep(opts, extras):
     for p in opts.labels:
         if not 0 < p <= 1:
             raise AnalysisError(f"--labels {p} is outside (0, 1]: give fractions of labels kept, e.g. 0.1 0.5 0.9")
-    for own, instead in (("--head", "--heads"), ("--seed", "--seeds"), ("--resume", "nothing: it resumes by itself")):
+    for own, instead in (("--head", "--heads"), ("--seed", "--seeds"), ("--resume", "nothing: it resumes by itself"),
+                         ("--cache-features", "--protocol cached"), ("--no-cache-features", "--protocol paper")):
         if any(a == own or a.startswith(own + "=") for a in extras):
             raise AnalysisError(f"the sweep sets {own} for each run itself; give {instead}")
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis sweep")
     out = opts.out or os.path.join("runs", "analysis", f"sweep-{args.data}")
     check_folders(out, args)
-    results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out, opts.run_script)
+    results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out, opts.run_script, opts.protocol)
     zero = None
     if not opts.no_zero_shot:
         path = os.path.join(out, "zeroshot.json")
@@ -147,6 +151,23 @@ def cmd_sweep(opts, extras):
     with open(paths["table.md"]) as f:
         print(f.read())
     print("wrote " + ", ".join(paths.values()))
+
+
+# ---------------------------------------------------------------------------------------------------- switches
+
+def cmd_switches(opts, extras):
+    args = cli.parse_args(extras, prog="python -m clipmlr.analysis switches")
+    out = opts.out or os.path.join("runs", "analysis", f"switches-{args.data}-{args.head}")
+    check_folders(out, args)
+    rows = run_switches(extras, out, opts.run_script)
+    text = switches_table(rows)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text)
+    save_atomic([{"switch": w, "option": o, "map": None if r is None else r["map"]} for w, o, r in rows],
+                os.path.join(out, "results.json"))
+    print(text)
+    print(f"wrote {out}/table.md and {out}/results.json")
 
 
 # ---------------------------------------------------------------------------------------------------- negation
@@ -194,7 +215,8 @@ def trained_head(run_dir, model, clip_info):
                             f"loaded; pass the run's --clip")
     s = results["settings"]
     classnames = list(results["per_class_ap"])
-    head = build_head(s["head"], model, classnames, n_ctx=s["n_ctx"], class_specific=not s["shared_context"])
+    head = build_head(s["head"], model, classnames, n_ctx=s["n_ctx"], class_specific=not s["shared_context"],
+                      absence_weights=s.get("absence_weights", "presence"), residual=not s.get("no_residual"))
     head.load_state_dict(torch.load(os.path.join(run_dir, "head.pt"), map_location=model.token_embedding.weight.device,
                                     weights_only=True))
     return head.eval(), classnames, s["head"]
@@ -295,7 +317,14 @@ def parse_args(argv=None):
                    "(default: 0)")
     s.add_argument("--no-zero-shot", action="store_true", help="leave out the zero-shot reference row")
     s.add_argument("--out", default=None, help="sweep folder (default: runs/analysis/sweep-<data>)")
+    s.add_argument("--protocol", choices=["cached", "paper"], default="cached", help="cached: features encoded "
+                   "once, K augmented views (run.py's --cache-features); paper: the encoder in the loop and a fresh "
+                   "augmentation every epoch, as the paper trains (default: cached)")
     s.add_argument("--run-script", default=None, help="the run.py that trains each run (default: ./run.py, else "
+                   "the one beside the clipmlr package)")
+    w = sub.add_parser("switches", allow_abbrev=False, help="the paper/authors' code choices, one at a time: mAP")
+    w.add_argument("--out", default=None, help="output folder (default: runs/analysis/switches-<data>-<head>)")
+    w.add_argument("--run-script", default=None, help="the run.py that trains each run (default: ./run.py, else "
                    "the one beside the clipmlr package)")
     z = sub.add_parser("zeroshot", allow_abbrev=False, help="hand-written prompts, no training: test mAP")
     z.add_argument("--out", default=None, help="output folder (default: runs/analysis/zeroshot-<data>)")
@@ -317,7 +346,8 @@ def parse_args(argv=None):
     return p.parse_known_args(argv)
 
 
-COMMANDS = {"sweep": cmd_sweep, "zeroshot": cmd_zeroshot, "negation": cmd_negation, "maps": cmd_maps}
+COMMANDS = {"sweep": cmd_sweep, "switches": cmd_switches, "zeroshot": cmd_zeroshot, "negation": cmd_negation,
+            "maps": cmd_maps}
 
 
 def main(argv=None):

@@ -66,15 +66,32 @@ def train(script, argv):
     return subprocess.run([sys.executable, script, *argv]).returncode
 
 
-def run_sweep(heads, proportions, seeds, run_argv, out, script=None):
+PROTOCOLS = {  # how the sweep's runs see the training images
+    "cached": ["--cache-features"],  # encoded once, V augmented views (fast: the encoder runs V + 1 times)
+    "paper": ["--no-cache-features"],  # the paper's: encoder in the loop, a fresh augmentation every epoch
+}
+
+
+def protocol_of(settings):
+    """In words, how a run saw its training images (from its settings)."""
+    if settings.get("cache_features") is None:
+        return "unknown"
+    if settings["cache_features"]:
+        views = settings.get("cache_views", 1) if settings.get("augment") else 1
+        return f"cached features ({views} view{'s' * (views > 1)} of each training image, encoded once)"
+    return "the paper's protocol (encoder in the loop, " + \
+        ("a fresh augmentation every epoch)" if settings.get("augment") else "no augmentation)")
+
+
+def run_sweep(heads, proportions, seeds, run_argv, out, script=None, protocol="cached"):
     """Trains every (head, labels, seed) not done yet through run.py; returns the list of their results dicts.
 
-    run_argv: further run.py options shared by every run (e.g. ["--data", "voc", "--epochs", "50"]).
+    run_argv: further run.py options shared by every run (e.g. ["--data", "voc", "--epochs", "50"]);
+    protocol: "cached" (features encoded once, V views) or "paper" (encoder in the loop).
     """
     script = find_run_script(script)
     base = parse_args(list(run_argv))
-    if "--no-cache-features" not in run_argv:
-        run_argv = list(run_argv) + ["--cache-features"]  # the frozen encoder runs once per image (and view)
+    run_argv = list(run_argv) + PROTOCOLS[protocol]
     results = []
     for head in heads:
         for labels in proportions:
@@ -170,8 +187,9 @@ def sweep_table(results, zero_shot, data, clip_name):
     if clip_name == "random-tiny":
         lines += [f"**{DEMO_NOTE}.**", ""]
     seeds_text = f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    protocols = sorted({protocol_of(r.get("settings", {})) for r in results})
     lines += [f"mAP (%) of the last epoch on the test split; columns: fraction of training labels kept; Avg: mean "
-              f"of the columns; {seeds_text}. "
+              f"of the columns; {seeds_text}. Training images: {'; '.join(protocols)}. "
               f"Train time: training epochs only, mean per run on this machine (the paper: GPU hours on one RTX "
               f"A4000, supplement Table 3; its rows use a ResNet-101 CLIP).", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

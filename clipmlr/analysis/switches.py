@@ -1,0 +1,79 @@
+"""The choices where the paper, the authors' code and clipmlr differ, switched one at a time on one setting.
+
+Each row trains the same head on the same data and labels with one run.py option changed from the defaults (which
+follow the authors' code), each in a process of its own (see sweep.train), and reports the mAP beside the
+defaults'. On the demo's random miniature CLIP the numbers only show which choices move the result there; they
+say nothing about the paper.
+"""
+import json
+import os
+
+from ..checkpoint import settings_mismatch
+from ..cli import parse_args, settings_of
+from . import sweep
+
+SWITCHES = [  # (what the row changes, run.py options); the first row is the defaults
+    ("defaults (the authors' code)", []),
+    ("absence side weighted by its own softmax (the paper's Sec. 3.1)", ["--absence-weights", "own"]),
+    ("no residual on the prompt's text feature (the paper's description)", ["--no-residual"]),
+    ("loss weight fixed at 0.03 (not scaled by the labels known)", ["--loss-weight", "0.03"]),
+    ("one context shared by all classes (DualCoOp's default)", ["--shared-context"]),
+    ("torchvision's RandAugment policy", ["--randaugment", "torchvision"]),
+    ("warm-up lr 1e-5 (DualCoOp's config)", ["--warmup-lr", "1e-5"]),
+    ("weight decay 5e-4 (DualCoOp's)", ["--weight-decay", "5e-4"]),
+]
+
+
+def run_switches(run_argv, out, script=None):
+    """Trains the defaults and every switch (skipping finished runs); returns [(row, option, results or None)].
+
+    A switch that cannot matter for these settings (RandAugment without augmentation, the residual for heads
+    that have none) is listed with no run.
+    """
+    script = sweep.find_run_script(script)
+    base = parse_args(list(run_argv))
+    rows = []
+    for i, (what, options) in enumerate(SWITCHES):
+        moot = ("--randaugment" in options and not base.augment) or \
+            ("--no-residual" in options and base.head not in ("positive", "negative")) or \
+            ("--absence-weights" in options and base.head == "baseline") or \
+            ("--shared-context" in options and base.head == "baseline")
+        if moot:
+            rows.append((what, " ".join(options), None))
+            continue
+        folder = os.path.join(out, f"{i}-" + ("defaults" if not options else options[0].lstrip("-")))
+        argv = list(run_argv) + options + ["--out", folder]
+        done = os.path.join(folder, "results.json")
+        if os.path.isfile(done):
+            with open(done) as f:
+                result = json.load(f)
+            if settings_mismatch(result["settings"], settings_of(parse_args(argv))):
+                raise sweep.SweepError(f"{folder} holds a run with other settings; give another --out")
+        else:
+            if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
+                argv.append("--resume")
+            print(f"switches: {what} -> {folder}", flush=True)
+            if sweep.train(script, argv) != 0:
+                raise sweep.SweepError(f"the run in {folder} stopped; run the same command again to continue")
+            with open(done) as f:
+                result = json.load(f)
+        rows.append((what, " ".join(options) or "(none)", result))
+    return rows
+
+
+def switches_table(rows):
+    """Markdown: one row per switch, its mAP and the difference from the defaults' mAP."""
+    default = rows[0][2]
+    s = default["settings"]
+    lines = [f"# One switch at a time: {s['head']} on {s['data']}, {100 * s['labels']:g}% of labels, "
+             f"{s['epochs']} epochs, CLIP {default['clip']['name']}", ""]
+    if default["clip"]["name"] == "random-tiny":
+        lines += [f"**{sweep.DEMO_NOTE}.**", ""]
+    lines += ["| switch | run.py option | mAP | vs defaults |", "|---|---|---|---|"]
+    for what, option, result in rows:
+        if result is None:
+            lines.append(f"| {what} | {option} | – | cannot matter here |")
+        else:
+            delta = "" if result is default else f"{result['map'] - default['map']:+.2f}"
+            lines.append(f"| {what} | {option} | {result['map']:.2f} | {delta} |")
+    return "\n".join(lines) + "\n"
