@@ -28,9 +28,9 @@ import time
 import torch
 from PIL import Image
 
-from clipmlr.analysis.commands import encoder
 from clipmlr.analysis.templates import COCO_CLASSES
 from clipmlr.cache import encode_split, weights_fingerprint
+from clipmlr.cli import encoder
 from clipmlr.clip.model import CLIP
 from clipmlr.augment import image_transform
 from clipmlr.data import VOC_CLASSES, ImageDataset, check_decodable, read_image

@@ -27,7 +27,7 @@ from clipmlr.augment import image_transform
 from clipmlr.data import ImageDataset, check_decodable, mask_labels
 from clipmlr.heads import build_head, count_trainable, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
-from clipmlr.metrics import average_precision, margin
+from clipmlr.metrics import average_precision, margins_of
 from clipmlr import cache, checkpoint, cli, distributed  # the layers
 
 
@@ -44,24 +44,18 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-@torch.inference_mode()
 def evaluate(head, test_set, features_of, batch_size, workers):
     """(N, C) logit margins (presence − absence) of the whole test split: the scores every AP ranks by.
 
     A margin never saturates, unlike an fp32 softmax probability (exactly 1.0 past a margin of ~17), so no two
-    confident images tie and the mAP does not depend on the order of the test images. The class embeddings are
-    computed once; [layer: torchrun] each rank scores its own shard and the shards are gathered.
+    confident images tie and the mAP does not depend on the order of the test images. [layer: torchrun] each
+    rank scores its own shard and the shards are gathered.
     """
-    head.eval()
-    embeddings = head.class_embeddings()
     shard = distributed.shard(len(test_set))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, shard.tolist()), batch_size=batch_size,
                                          num_workers=workers)
-    margins = [torch.empty(0, len(test_set.labels[0]))]
-    for batch, _, _ in loader:
-        margins.append(margin(head.logits(features_of(batch), embeddings)).float().cpu())  # (B, C)
-    head.train()
-    return distributed.gather_rows((shard, torch.cat(margins)), len(test_set))
+    margins = margins_of(head, loader, features_of).reshape(len(shard), len(test_set.labels[0]))  # (shard, C)
+    return distributed.gather_rows((shard, margins), len(test_set))
 
 
 def run(args):
@@ -206,6 +200,7 @@ def run(args):
         "per_class_ap": {n: None if np.isnan(a) else 100 * float(a) for n, a in zip(classnames, ap)},
         "trainable_params": count_trainable(head), "train_seconds": train_seconds, "history": history,
         "clip": clip_info, "settings": cli.settings_of(args), "loss_weight": loss_weight, "device": str(device),
+        "data_root": os.path.abspath(args.data_root), "cache_dir": os.path.abspath(args.cache_dir),
         "processes": world, "torch": torch.__version__,
     }
     evaluated = [h for h in history if "map" in h]
@@ -213,8 +208,13 @@ def run(args):
         best = max(evaluated, key=lambda h: h["map"])
         results["best_epoch_selected_on_test"] = {"map": best["map"], "epoch": best["epoch"], "note": "chosen "
                                                   "on the test set; not the result (that is map, the last epoch)"}
-    if rank == 0:
-        checkpoint.save_atomic(head.state_dict(), os.path.join(args.out, "head.pt"))
+    if rank == 0:  # head.pt describes itself: `python -m clipmlr.predict` rebuilds the head from it alone
+        checkpoint.save_atomic({"state_dict": head.state_dict(), "head": args.head, "classnames": classnames,
+                                "n_ctx": args.n_ctx, "shared_context": args.shared_context,
+                                "absence_weights": args.absence_weights, "residual": not args.no_residual,
+                                "image_size": args.image_size,
+                                "clip": {**clip_info, "identity": cli.clip_identity(clip_info, model)}},
+                               os.path.join(args.out, "head.pt"))
         checkpoint.save_atomic(results, os.path.join(args.out, "results.json"))
     say(f"mAP {results['map']:.2f} (last epoch) -> {os.path.join(args.out, 'results.json')}")
     return results

@@ -1064,7 +1064,11 @@ def test_run_demo_end_to_end(head, tmp_path):
     assert results["seed"] == 0 and results["clip"] == {"name": "random-tiny", "sha256": None}
     assert set(results["per_class_ap"]) == {"circle", "square", "triangle", "cross", "ring", "bar"}
     assert len(results["history"]) == 20 and results["history"][-1]["map"] == results["map"]
-    assert results["trainable_params"] == sum(v.numel() for v in torch.load(out / "head.pt").values())
+    saved = torch.load(out / "head.pt")
+    assert results["trainable_params"] == sum(v.numel() for v in saved["state_dict"].values())
+    assert (saved["head"], saved["classnames"], saved["n_ctx"], saved["image_size"]) == \
+        (head, ["circle", "square", "triangle", "cross", "ring", "bar"], 16, 224)
+    assert saved["clip"]["name"] == "random-tiny" and saved["clip"]["identity"].startswith("weights ")
     assert results["train_seconds"] > 0
     assert results["map"] > _demo_chance(128, 224) + 10, results["map"]
     # the label mask used: the demo's labels masked with the seed, whatever the head
@@ -1286,7 +1290,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["map"] == expected["map"]  # bit for bit: every epoch re-seeds from (seed, epoch)
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in expected["history"]]
-    a, b = torch.load(out / "head.pt"), torch.load(straight / "head.pt")
+    a, b = torch.load(out / "head.pt")["state_dict"], torch.load(straight / "head.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -2187,7 +2191,7 @@ def test_start_up_says_what_it_is_doing(tmp_path):
     voc, argv = _tiny_voc_run(tmp_path, "--workers", "0", "--no-cache-features", "--epochs", "1")
     code, out, err = _run_cli(*argv, cwd=str(tmp_path))
     assert code == 0, err
-    steps = ["reading the voc annotations", "loading CLIP", "checking that all 7 images decode", "epoch   1/1"]
+    steps = ["reading the voc labels", "loading CLIP", "checking that all 7 images decode", "epoch   1/1"]
     positions = [out.find(s) for s in steps]
     assert -1 not in positions and positions == sorted(positions), out
 
@@ -2475,3 +2479,203 @@ def test_switches_and_sweep_protocol(tmp_path, monkeypatch, capsys):
         assert result["settings"]["cache_features"] == (protocol == "cached")
     assert analysis.main(["sweep", "--cache-features", *DEMO_ARGS]) == 2
     assert "--protocol cached" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ your own images (--data folder) and predict
+
+
+FOLDER_CLASSES = ["cat", "dog", "hot air balloon"]
+
+
+def _make_folder(root, n_train=10, n_test=6):
+    """A folder dataset: coloured JPEGs, train.csv with unknown cells (-1 and empty), test.csv with one unknown."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "photos"), exist_ok=True)
+    rows = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        lines = ["image," + ",".join(FOLDER_CLASSES)]
+        for i in range(n):
+            name = f"photos/{split}{i}.jpg"
+            _jpeg(os.path.join(root, name), tuple(int(c) for c in rng.integers(0, 255, 3)), size=(40, 30))
+            labels = [str(int(v)) for v in rng.integers(0, 2, 3)]
+            labels[i % 3] = "1"  # every class present somewhere
+            if split == "train" and i % 4 == 1:
+                labels[(i + 1) % 3] = "" if i % 8 == 1 else "-1"
+            lines.append(",".join([name] + labels))
+            rows[name] = labels
+        if split == "test":
+            lines[1] = lines[1].rsplit(",", 1)[0] + ",-1"  # test0's last class unknown
+        with open(os.path.join(root, f"{split}.csv"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return rows
+
+
+def test_folder_dataset_reads_partial_labels(tmp_path):
+    from clipmlr.data import load_folder
+    _make_folder(str(tmp_path))
+    paths, labels, names = load_folder(str(tmp_path), "train")
+    assert names == FOLDER_CLASSES and len(paths) == 10 and paths[0] == os.path.join(str(tmp_path), "photos/train0.jpg")
+    rows = [l.split(",") for l in (tmp_path / "train.csv").read_text().splitlines()[1:]]
+    expected = [[{"1": 1, "0": 0, "-1": -1, "": -1}[c] for c in r[1:]] for r in rows]
+    assert labels.tolist() == expected and (labels == -1).sum() == 3
+    test_paths, test_labels, _ = load_folder(str(tmp_path), "test", names)
+    assert test_labels[0, 2] == -1
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.replace("image,cat", "picture,cat"), r"train.csv, row 1: the header must be image"),
+    (lambda t: t.replace("photos/train3.jpg,", "photos/train3.jpg,2,"), r"train.csv, row 5: 5 cells, but the header has 4"),
+    (lambda t: t.replace("photos/train2.jpg,", "photos/train2.jpg,yes,", 1).replace(",yes,", ",x,", 1)
+     .replace("photos/train2.jpg,x,", "photos/train2.jpg,"), None),
+    (lambda t: t + t.splitlines()[3] + "\n", r"train.csv, row 12: the image photos/train2.jpg is listed again \(first in row 4\)"),
+    (lambda t: t.replace("photos/train0.jpg", "photos/nowhere.jpg"), r"missing, e.g. .*nowhere.jpg"),
+])
+def test_folder_dataset_errors_name_file_row_and_column(tmp_path, edit, message):
+    from clipmlr.data import load_folder
+    _make_folder(str(tmp_path))
+    csv_path = tmp_path / "train.csv"
+    if message is None:  # a cell that is not 1/0/-1/empty, named by row and column
+        lines = csv_path.read_text().splitlines()
+        cells = lines[3].split(",")
+        cells[2] = "yes"
+        lines[3] = ",".join(cells)
+        csv_path.write_text("\n".join(lines) + "\n")
+        message = r"train.csv, row 4, column 3 \(dog\): 'yes' is not 1, 0, -1 or empty"
+    else:
+        csv_path.write_text(edit(csv_path.read_text()))
+    with pytest.raises(DataError, match=message):
+        load_folder(str(tmp_path), "train")
+
+
+def test_folder_dataset_class_checks(tmp_path):
+    from clipmlr.data import load_folder
+    _make_folder(str(tmp_path))
+    text = (tmp_path / "train.csv").read_text().splitlines()
+    unknown = [text[0]] + [",".join(l.split(",")[:3] + ["-1"]) for l in text[1:]]
+    (tmp_path / "train.csv").write_text("\n".join(unknown) + "\n")
+    with pytest.raises(DataError, match=r"\['hot air balloon'\] have no known label"):
+        load_folder(str(tmp_path), "train")
+    _make_folder(str(tmp_path))
+    with pytest.raises(DataError, match="test.csv, row 1: the classes .* are not train.csv's"):
+        load_folder(str(tmp_path), "test", ["cat", "hot air balloon", "dog"])
+
+
+def _ap_known(margins, labels):
+    """Per-class AP over the known labels only, from the written-out definition (−1 dropped)."""
+    out = []
+    for c in range(labels.shape[1]):
+        known = labels[:, c] >= 0
+        y, s = labels[known, c], margins[known, c]
+        out.append(_ap_sklearn_style(s, y) if (y == 1).any() else None)
+    return out
+
+
+def test_run_on_a_folder_with_cache_resume_and_sweep(tmp_path, capsys):
+    _make_folder(str(tmp_path / "mine"))
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pt")
+    base = ["--data", "folder", "--data-root", str(tmp_path / "mine"), "--clip", ckpt, "--image-size", "64",
+            "--batch-size", "4", "--workers", "0", "--cache-views", "1", "--cache-dir", str(tmp_path / "cache")]
+    out = tmp_path / "run"
+    assert run.main([*base, "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "10 training images (90.0% of labels known)" in printed  # 3 of 30 cells unknown in train.csv
+    mask = torch.load(out / "mask.pt")
+    assert (mask == -1).sum() == 3  # --labels 1.0: the CSV's unknowns stay unknown, nothing more is masked
+    # resume with more epochs is refused (other settings); the same settings resume cleanly
+    assert run.main([*base, "--epochs", "1", "--out", str(out), "--resume"]) == 0
+    assert run.main([*base, "--epochs", "2", "--cache-features", "--out", str(tmp_path / "cached")]) == 0
+    results = _strict_json(tmp_path / "cached" / "results.json")
+    assert list(results["per_class_ap"]) == FOLDER_CLASSES
+    # the sweep and zero-shot take the same options
+    assert analysis.main(["sweep", "--heads", "baseline", "--labels", "0.5", "--no-zero-shot", *base, "--epochs", "1",
+                          "--out", str(tmp_path / "sweep")]) == 0
+    assert "folder" in (tmp_path / "sweep" / "table.md").read_text()
+    assert analysis.main(["zeroshot", *base, "--out", str(tmp_path / "z")]) == 0
+
+
+def _save_demo_test_images(folder, n_train, size):
+    """The demo's test images as PNG files (lossless), in the order of the run's test split."""
+    images, labels = demo_split(max(1, n_train // 2), 0, size, offset=10**6)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(os.path.join(folder, f"{i:04d}.png"))
+        im.save(paths[-1])
+    return paths, labels
+
+
+@pytest.mark.parametrize("data", ["demo", "voc"])
+def test_predict_reproduces_the_runs_test_ap(tmp_path, data):
+    """The margins predict gives for the test images, ranked per class, give results.json's per-class AP; and
+    --evaluate gives its mAP exactly."""
+    from clipmlr import predict
+    out = tmp_path / "run"
+    if data == "demo":
+        argv = [*DEMO_ARGS, "--no-cache-features", "--epochs", "2", "--out", str(out)]
+        paths, labels = _save_demo_test_images(str(tmp_path / "images"), 24, 64)
+    else:
+        voc, argv = _tiny_voc_run(tmp_path, "--workers", "0", "--epochs", "2", "--no-cache-features")
+        argv[argv.index("--out") + 1] = str(out)
+        paths, labels, _ = load_voc(str(tmp_path / "voc"), "test")
+    assert run.main(argv) == 0
+    results = _strict_json(out / "results.json")
+    head, model, record, _, _ = predict.load_run(str(out), workers=0)
+    got = dict(predict.predict(head, model, paths, record["image_size"], torch.device("cpu"), batch_size=5))
+    margins = torch.stack([got[p] for p in paths])
+    expected = _ap_known(margins.double().numpy(), labels.numpy())
+    for name, want, ours in zip(record["classnames"], expected, results["per_class_ap"].values()):
+        assert (want is None and ours is None) or ours == pytest.approx(100 * want, abs=1e-9), name
+    assert predict.main([str(out), "--evaluate", "--workers", "0"]) == 0
+
+
+def test_predict_prints_writes_json_and_skips_unreadable(tmp_path, capsys):
+    from clipmlr import predict
+    out = tmp_path / "run"
+    assert run.main([*DEMO_ARGS, "--epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    paths, _ = _save_demo_test_images(str(tmp_path / "images" / "sub"), 24, 64)
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert predict.main([str(out), str(tmp_path / "images"), "--top-k", "2", "--json", str(tmp_path / "p.json"),
+                         "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    lines = [l for l in captured.out.splitlines() if l.startswith(str(tmp_path))]
+    assert len(lines) == 12 and all(len(l.split(": ", 1)[1].split(", ")) == 2 for l in lines)
+    assert "broken.jpg" in captured.err and "12 images tagged, 1 unreadable" in captured.out
+    written = _strict_json(tmp_path / "p.json")
+    assert set(written["probabilities"]) == set(paths) and list(written["unreadable"]) == [str(tmp_path / "images" /
+                                                                                              "broken.jpg")]
+    for p in paths:  # every class, a probability and its margin: p = sigmoid(margin)
+        for name, m in written["margins"][p].items():
+            assert written["probabilities"][p][name] == pytest.approx(1 / (1 + math.exp(-m)), abs=1e-6)
+    assert predict.main([str(out), str(tmp_path / "nowhere.jpg")]) == 2
+    assert predict.main([str(tmp_path / "no-run"), str(paths[0])]) == 2
+    assert "results.json" in capsys.readouterr().err
+
+
+def test_predict_reads_images_batch_by_batch(tmp_path, monkeypatch):
+    from clipmlr import predict
+    out = tmp_path / "run"
+    assert run.main([*DEMO_ARGS, "--epochs", "1", "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    paths, _ = _save_demo_test_images(str(tmp_path / "images"), 24, 64)
+    reads = []
+    real = predict.read_image
+    monkeypatch.setattr(predict, "read_image", lambda p: reads.append(p) or real(p))
+    head, model, record, _, _ = predict.load_run(str(out), workers=0)
+    results = predict.predict(head, model, paths * 10, record["image_size"], torch.device("cpu"), batch_size=8)
+    next(results)
+    assert len(reads) == 8  # one batch read, not all 120 images
+    assert len(list(results)) == 119
+
+
+def test_a_head_refuses_another_clip(tmp_path, capsys):
+    voc, argv = _tiny_voc_run(tmp_path, "--workers", "0", "--epochs", "1")
+    assert run.main(argv) == 0
+    torch.manual_seed(1)
+    other = CLIP(embed_dim=32, image_resolution=64, vision_layers=[1, 1, 1, 1], vision_width=8, context_length=77,
+                 vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    from clipmlr import predict
+    assert predict.main([str(tmp_path / "out"), "--evaluate", "--clip", str(tmp_path / "other.pt")]) == 2
+    err = capsys.readouterr().err
+    trained = _sha256(str(tmp_path / "t.pt"))
+    assert trained in err and _sha256(str(tmp_path / "other.pt")) in err and "--clip" in err

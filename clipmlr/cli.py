@@ -17,7 +17,7 @@ from . import clip
 from .cache import CacheError, weights_fingerprint
 from .checkpoint import CheckpointError
 from .augment import image_transform
-from .data import DataError, load_coco, load_voc
+from .data import DataError, load_coco, load_folder, load_voc
 from .demo import DEMO_CLASSES, demo_split, tiny_clip
 from .download import download_coco, download_voc
 from .heads import HEADS, HeadError
@@ -44,9 +44,12 @@ def parse_args(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, formatter_class=Help, description="Train and evaluate one head for "
                                 "multi-label recognition with partial labels on a frozen CLIP.")
     p.add_argument("--head", choices=sorted(HEADS), default="positive", help="which head to train")
-    p.add_argument("--data", choices=["voc", "coco", "demo"], default="demo", help="dataset")
-    p.add_argument("--labels", type=float, default=1.0, help="fraction of training labels kept, in (0, 1]")
-    p.add_argument("--data-root", default=None, help="dataset folder (default data/voc2007 or data/coco2014)")
+    p.add_argument("--data", choices=["voc", "coco", "folder", "demo"], default="demo", help="dataset (folder: your "
+                   "own images, --data-root DIR holding train.csv and test.csv; see README.md)")
+    p.add_argument("--labels", type=float, default=1.0, help="fraction of training labels kept, in (0, 1] (with "
+                   "--data folder: of those your CSV gives; its unknown cells stay unknown)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default data/voc2007, data/coco2014 or "
+                   "data/folder)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
     p.add_argument("--clip", default=None, help="CLIP name or checkpoint path (default RN101; for the demo a "
                    "random miniature CLIP unless weights/RN101.pt exists)")
@@ -114,7 +117,10 @@ def parse_args(argv=None, prog=None):
     args.cache_features = demo if args.cache_features is None else args.cache_features
     args.augment = not demo if args.augment is None else args.augment
     args.image_size = args.image_size or (224 if demo else 448)
-    args.data_root = args.data_root or os.path.join("data", {"voc": "voc2007", "coco": "coco2014"}.get(args.data, ""))
+    args.data_root = args.data_root or os.path.join("data", {"voc": "voc2007", "coco": "coco2014"}.get(args.data,
+                                                                                                       args.data))
+    if args.download and args.data not in ("voc", "coco"):
+        p.error(f"--download fetches VOC2007 or COCO2014; --data {args.data} has nothing to download")
     args.out = args.out or os.path.join("runs", f"{args.data}-{args.head}-{args.labels:g}-seed{args.seed}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,10 +164,13 @@ def load_data(args, say=print):
         return train, train_y, test, test_y, list(DEMO_CLASSES)
     if args.download:
         (download_voc if args.data == "voc" else download_coco)(args.data_root)
-    say(f"reading the {args.data} annotations in {args.data_root}")
+    say(f"reading the {args.data} labels in {args.data_root}")
     if args.data == "voc":
         train, train_y, names = load_voc(args.data_root, "trainval", args.voc_difficult)
         test, test_y, _ = load_voc(args.data_root, "test", args.voc_difficult)
+    elif args.data == "folder":
+        train, train_y, names = load_folder(args.data_root, "train")
+        test, test_y, _ = load_folder(args.data_root, "test", names)
     else:
         train, train_y, names = load_coco(args.data_root, "train2014")
         test, test_y, _ = load_coco(args.data_root, "val2014")
@@ -181,6 +190,37 @@ def load_clip(args, calibration_images, say=print):
     say(f"loading CLIP {name}")
     model, sha = clip.load(name, device=args.device, root=args.weights_dir)
     return model, {"name": name, "sha256": sha}
+
+
+def clip_identity(clip_info, model):
+    """What names a CLIP's weights: its checkpoint's sha256, or for an unsaved (random) model a hash of them."""
+    return clip_info["sha256"] or f"weights {weights_fingerprint(model)}"
+
+
+def encoder(model, device):
+    """images (B, 3, S, S) -> dense features (B, L, D) fp32, computed as run.py's `encode` computes them
+    (channels_last and bf16 autocast on CUDA), so that the analyses and predict share run.py's feature cache."""
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    model.visual.to(memory_format=memory_format)
+
+    def encode(images):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model.encode_dense(images.to(device, non_blocking=True, memory_format=memory_format)).float()
+    return encode
+
+
+def settings_argv(settings):
+    """The run.py options that give back `settings` (as settings_of records them), e.g. to rebuild a run."""
+    argv = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("augment", "cache_features") and value is not None:
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
 
 
 def feature_key(args, clip_info, model):

@@ -18,6 +18,19 @@ def margin(logits):
     return logits[..., 0] - logits[..., 1]
 
 
+@torch.inference_mode()
+def margins_of(head, loader, features_of):
+    """(N, C) margins of every image `loader` yields ((images or features, labels, index) batches), in order.
+
+    `features_of(batch)` gives the (B, L, D) features of a batch; the class embeddings are computed once.
+    """
+    head.eval()
+    embeddings = head.class_embeddings()
+    out = [margin(head.logits(features_of(batch), embeddings)).float().cpu() for batch, _, _ in loader]  # (B, C)
+    head.train()
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
 def average_precision(scores, targets):
     """(N, C) scores, (N, C) targets in {1, 0, −1} -> (C,) AP in [0, 1], NaN for a class with no positive.
 

@@ -24,8 +24,9 @@ from ..cache import encode_split
 from ..checkpoint import save_atomic
 from ..augment import image_transform
 from ..data import ImageDataset
-from ..heads import HEADS, build_head
+from ..heads import HEADS
 from ..metrics import average_precision
+from ..predict import PredictError, load_head
 from .plots import similarity_figure
 from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table, similarity_maps,
                          text_features, zero_shot_scores)
@@ -45,18 +46,6 @@ def load_clip(args, train=None):
     return cli.load_clip(args, train)
 
 
-def encoder(model, device):
-    """images (B, 3, S, S) -> dense features (B, L, D) fp32, as run.py's `encode` computes them (channels_last
-    and bf16 autocast on CUDA), so the two share a feature cache."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    model.visual.to(memory_format=memory_format)
-
-    def encode(images):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model.encode_dense(images.to(device, memory_format=memory_format)).float()
-    return encode
-
-
 # ---------------------------------------------------------------------------------------------------- zero-shot
 
 @torch.no_grad()
@@ -66,7 +55,7 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     model, clip_info = load_clip(args, train)
     device = torch.device(args.device)
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
-    encode = encoder(model, device)
+    encode = cli.encoder(model, device)
     test_set = ImageDataset(test, test_y, image_transform(args.image_size, train=False))
     if args.cache_features:  # the same feature cache as run.py's test split
         key = {**cli.feature_key(args, clip_info, model), "split": "test", "view": "plain"}
@@ -205,23 +194,6 @@ def settings_argv(settings):
     return argv + (["--shared-context"] if settings.get("shared_context") else [])
 
 
-def trained_head(run_dir, model, clip_info):
-    """(head, class names) of a finished run folder: the head rebuilt with build_head and its head.pt loaded."""
-    with open(os.path.join(run_dir, "results.json")) as f:
-        results = json.load(f)
-    if results["clip"]["sha256"] != clip_info["sha256"] or results["clip"]["name"] != clip_info["name"]:
-        raise AnalysisError(f"{run_dir} was trained on CLIP {results['clip']['name']} (sha256 "
-                            f"{results['clip']['sha256']}), but {clip_info['name']} ({clip_info['sha256']}) is "
-                            f"loaded; pass the run's --clip")
-    s = results["settings"]
-    classnames = list(results["per_class_ap"])
-    head = build_head(s["head"], model, classnames, n_ctx=s["n_ctx"], class_specific=not s["shared_context"],
-                      absence_weights=s.get("absence_weights", "presence"), residual=not s.get("no_residual"))
-    head.load_state_dict(torch.load(os.path.join(run_dir, "head.pt"), map_location=model.token_embedding.weight.device,
-                                    weights_only=True))
-    return head.eval(), classnames, s["head"]
-
-
 def pick_image(opts, test, test_y, classnames):
     """(RGB image, its present class names, a label for the file name): --image, or test image --index."""
     if opts.image:
@@ -262,7 +234,11 @@ def cmd_maps(opts, extras):
     model, clip_info = load_clip(args, train)
     head = None
     if settings is not None:
-        head, classnames, head_name = trained_head(opts.run, model, clip_info)
+        try:
+            head, record = load_head(opts.run, model, clip_info)
+        except PredictError as e:
+            raise AnalysisError(str(e)) from None
+        classnames, head_name = record["classnames"], record["head"]
 
     image, present, label = pick_image(opts, test, test_y, classnames)
     name = opts.cls or (present[0] if present else None)

@@ -1,0 +1,215 @@
+"""A trained head as a model (a layer): tag new images with it, or score its run's test split again.
+
+    python -m clipmlr.predict RUN_DIR PATH... [--threshold 0.5] [--top-k K] [--json FILE]
+    python -m clipmlr.predict RUN_DIR --evaluate
+
+RUN_DIR is the --out folder of a finished `python run.py ...`. Its head.pt describes the head (type, class names,
+context, image size, and the CLIP it was trained on, by name and sha256), so the head is rebuilt from it alone;
+the run's CLIP is loaded as run.py loaded it (a head on another CLIP is refused, naming both hashes). A PATH is an
+image or a folder of images; each image is encoded once at the run's resolution, in batches, never all held in
+memory. An unreadable image is reported by name and skipped. Per image, the classes whose probability passes
+--threshold (or the --top-k most likely) are printed with their probability; --json writes, for every image and
+class, the probability and the logit margin (presence − absence), which is what an AP ranks by: probabilities
+saturate at 1.0 and tie, margins do not.
+
+--evaluate scores the run's test split again from head.pt (with the run's own feature cache if it used one) and
+prints the mAP, which equals results.json's `map`.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import cli
+from .augment import image_transform
+from .cache import encode_split
+from .checkpoint import save_atomic
+from .data import DataError, ImageDataset, read_image
+from .heads import build_head
+from .metrics import average_precision, margin, margins_of
+
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class PredictError(Exception):
+    """A run folder, image path or option that predict cannot use; the message says what to give instead."""
+
+
+def load_head(run_dir, model, clip_info):
+    """(head in eval mode, head.pt's record) of a finished run, on `model`; refused for another CLIP."""
+    path = os.path.join(run_dir, "head.pt")
+    if not os.path.isfile(path):
+        raise PredictError(f"{run_dir} holds no head.pt: give the --out folder of a finished `python run.py ...`")
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" not in record:
+        raise PredictError(f"{path} is a bare state dict from an older clipmlr, without the description predict "
+                           f"needs; train the run again")
+    trained, loaded = record["clip"]["identity"], cli.clip_identity(clip_info, model)
+    if trained != loaded:
+        raise PredictError(f"{run_dir} was trained on CLIP {record['clip']['name']} ({trained}), but the CLIP "
+                           f"loaded is {clip_info['name']} ({loaded}); give the run's CLIP with --clip")
+    head = build_head(record["head"], model, record["classnames"], n_ctx=record["n_ctx"],
+                      class_specific=not record["shared_context"], absence_weights=record["absence_weights"],
+                      residual=record["residual"])
+    head.load_state_dict(record["state_dict"])
+    return head.eval(), record
+
+
+def load_run(run_dir, device="auto", clip=None, weights_dir="weights", workers=0):
+    """(head, CLIP, head.pt's record, results.json, run.py's arguments) of a finished run."""
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        raise PredictError(f"{run_dir} holds no results.json: give the --out folder of a finished `python run.py ...`")
+    with open(path) as f:
+        results = json.load(f)
+    argv = cli.settings_argv(results["settings"]) + ["--device", device, "--weights-dir", weights_dir,
+                                                     "--data-root", results["data_root"], "--cache-dir",
+                                                     results["cache_dir"], "--workers", str(workers)]
+    args = cli.parse_args(argv + (["--clip", clip] if clip else []), prog="python -m clipmlr.predict")
+    # the demo's random CLIP is calibrated on the demo's training images, as run.py built it
+    calibration = cli.load_data(args, say=lambda *a: None)[0] if args.data == "demo" else None
+    model, clip_info = cli.load_clip(args, calibration, say=lambda *a: None)
+    head, record = load_head(run_dir, model, clip_info)
+    return head, model, record, results, args
+
+
+def image_paths(paths):
+    """The image files named by `paths`: files as given, folders searched recursively for image types, sorted."""
+    found = []
+    for p in paths:
+        if os.path.isdir(p):
+            found += sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs
+                            if f.lower().endswith(IMAGE_TYPES))
+        elif os.path.isfile(p):
+            found.append(p)
+        else:
+            raise PredictError(f"{p}: no such image or folder")
+    return found
+
+
+class Images(torch.utils.data.Dataset):
+    """(image (3, S, S) or zeros, error message or '', index): an unreadable image is reported, not raised."""
+
+    def __init__(self, paths, transform, size):
+        self.paths, self.transform, self.size = paths, transform, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(read_image(self.paths[i])), "", i
+        except DataError as e:
+            return torch.zeros(3, self.size, self.size), str(e), i
+
+
+@torch.inference_mode()
+def predict(head, model, paths, image_size, device, batch_size=32, workers=0):
+    """Yields (path, (C,) margins) per readable image, in order, and (path, error message) per unreadable one.
+    Images are read and encoded batch by batch (never all in memory); the class embeddings are computed once."""
+    encode = cli.encoder(model, device)
+    head.eval()
+    embeddings = head.class_embeddings()
+    data = Images(paths, image_transform(image_size, train=False), image_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+    for images, errors, index in tqdm(loader, desc="predicting", unit="batch", disable=None, leave=False):
+        readable = torch.tensor([not e for e in errors])
+        rows = iter(margin(head.logits(encode(images[readable]), embeddings)).float().cpu() if readable.any() else [])
+        for i, error in zip(index.tolist(), errors):
+            yield (paths[i], error) if error else (paths[i], next(rows))
+
+
+def evaluate(head, model, record, results, args):
+    """The run's test mAP again, from head.pt, computed as run.py computed it (same features, same batches)."""
+    device = torch.device(args.device)
+    _, _, test, test_y, _ = cli.load_data(args, say=lambda *a: None)
+    test_set = ImageDataset(test, test_y, image_transform(args.image_size, train=False))
+    encode = cli.encoder(model, device)
+    features_of = encode
+    if args.cache_features:  # the run's own cached test features
+        key = {**cli.feature_key(args, results["clip"], model), "split": "test", "view": "plain"}
+        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key)
+        features_of = lambda batch: batch.to(device, non_blocking=True).float()  # noqa: E731
+    loader = torch.utils.data.DataLoader(test_set, batch_size=max(args.batch_size, 100),
+                                         num_workers=0 if args.cache_features else args.workers)
+    ap = average_precision(margins_of(head, loader, features_of), test_y)
+    return 100 * float(np.nanmean(ap)), ap
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m clipmlr.predict", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run", help="a finished run.py --out folder (holding head.pt and results.json)")
+    p.add_argument("paths", nargs="*", help="images, or folders of images")
+    p.add_argument("--threshold", type=float, default=0.5, help="print the classes whose probability passes this")
+    p.add_argument("--top-k", type=int, default=None, help="print the K most likely classes instead")
+    p.add_argument("--json", default=None, help="write every image's probability and margin per class here")
+    p.add_argument("--evaluate", action="store_true", help="score the run's test split again and print its mAP")
+    p.add_argument("--clip", default=None, help="the run's CLIP checkpoint, if not where it was (the same sha256)")
+    p.add_argument("--weights-dir", default="weights", help="where CLIP checkpoints are (and are downloaded to)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    args = p.parse_args(argv)
+    if not args.paths and not args.evaluate:
+        p.error("give images or folders to tag, or --evaluate")
+    if not 0 <= args.threshold <= 1:
+        p.error(f"--threshold {args.threshold} is a probability: give a value in [0, 1]")
+    for name in ("top_k", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers} must be 0 or more")
+    return args
+
+
+def run(opts):
+    head, model, record, results, args = load_run(opts.run, opts.device, opts.clip, opts.weights_dir, opts.workers)
+    if opts.evaluate:
+        value, _ = evaluate(head, model, record, results, args)
+        same = "equal to" if value == results["map"] else "NOT equal to"
+        print(f"mAP {value:.4f} on {args.data}'s test split, {same} results.json's {results['map']:.4f}")
+    if not opts.paths:
+        return
+    if opts.json:
+        cli.check_writable(os.path.dirname(os.path.abspath(opts.json)), "--json")
+    paths, names = image_paths(opts.paths), record["classnames"]
+    probabilities, margins, unreadable = {}, {}, {}
+    for path, out in predict(head, model, paths, record["image_size"], torch.device(args.device), opts.batch_size,
+                             opts.workers):
+        if isinstance(out, str):
+            unreadable[path] = out
+            continue
+        p = torch.sigmoid(out)  # = softmax(logits)[..., 0], for people to read
+        order = torch.argsort(out, descending=True)[: opts.top_k] if opts.top_k else \
+            [c for c in torch.argsort(out, descending=True).tolist() if p[c] >= opts.threshold]
+        shown = ", ".join(f"{names[c]} {p[c]:.3f}" for c in order) or f"(no class at or above {opts.threshold:g})"
+        print(f"{path}: {shown}")
+        probabilities[path] = {n: float(v) for n, v in zip(names, p)}
+        margins[path] = {n: float(v) for n, v in zip(names, out)}
+    for path, error in unreadable.items():
+        print(f"skipped, unreadable: {error}", file=sys.stderr)
+    print(f"{len(probabilities)} images tagged" + (f", {len(unreadable)} unreadable (listed above)" if unreadable
+                                                    else ""))
+    if opts.json:
+        save_atomic({"run": os.path.abspath(opts.run), "clip": record["clip"], "threshold": opts.threshold,
+                     "probabilities": probabilities, "margins": margins, "unreadable": unreadable}, opts.json)
+        print(f"-> {opts.json}")
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    try:
+        run(opts)
+    except (PredictError, *cli.ERRORS) as e:  # the user's to fix; anything else keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
