@@ -12,9 +12,10 @@ speed does not depend on them):
   3. one training step (forward, asymmetric loss, backward, SGD) of every head, on cached features vs with the
      image encoder in the loop (images already decoded and augmented; the encoder's forward is what differs)
   4. one epoch of the demo (`run.py --data demo`'s loop, PositiveCoOp), encoder in the loop vs cached features
-  5. peak memory; with RN101, the projected time of the paper's VOC2007 run (50 epochs of PositiveCoOp on
+  5. predict (`python -m clipmlr.predict`): images/s over a folder of demo images
+  6. peak memory; with RN101, the projected time of the paper's VOC2007 run (50 epochs of PositiveCoOp on
      5,011 trainval images, 4,952 test images encoded once), with and without the feature cache (K views)
-On CUDA the image encoder runs under bf16 autocast with channels_last, as clipmlr.features does; the train
+On CUDA the image encoder runs under bf16 autocast with channels_last, as run.py does; the train
 step is also timed with the head under bf16 autocast. Without --quick, a CPU run takes a few minutes.
 """
 import argparse
@@ -229,6 +230,25 @@ def bench_decode_check(n=48, size=(640, 480)):
             "coco_seconds": COCO_IMAGES * ms_check / 1000 / cores}
 
 
+def bench_predict(model, size, n, batch, workers, device):
+    """images/s of `python -m clipmlr.predict` on a folder of n demo images (224 px PNGs): read, resize to the
+    run's `size`, encode once, PositiveCoOp's head; batch by batch, as predict runs."""
+    from clipmlr import predict
+    images, _ = demo_split(n, 0, 224)
+    torch.manual_seed(0)
+    head = build_head("positive", model, DEMO_CLASSES)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i, im in enumerate(images):
+            paths.append(os.path.join(folder, f"{i}.png"))
+            im.save(paths[-1])
+        list(predict.predict(head, model, paths[:batch], size, device, batch, 0))  # warm-up
+        t0 = time.perf_counter()
+        done = sum(1 for _ in predict.predict(head, model, paths, size, device, batch, workers))
+        seconds = time.perf_counter() - t0
+    return {"images": done, "size": size, "batch": batch, "workers": workers, "images_per_s": done / seconds}
+
+
 def bench_transform(size, n=16):
     """ms per image of the training transform (resize, Cutout, RandAugment, to tensor) on one core."""
     images, _ = demo_split(n, 0, max(size, 500))
@@ -298,6 +318,8 @@ def main(argv=None):
         ("demo_epoch", lambda: bench_demo_epoch(*demo[:3], demo[3], args.workers, device, demo[4])),
         ("transform_ms_per_image", lambda: bench_transform(448)),
         ("decode_check", bench_decode_check),
+        ("predict", lambda: bench_predict(model, 224 if small else 448, 64 if small or gpu else 16,
+                                          32 if gpu else 8, args.workers, device)),
         ("map_seconds_coco", bench_map),
     ]
     results["train_step_batch"], results["peak_mb"], results["seconds"] = step_batch, {}, {}
@@ -352,6 +374,9 @@ def print_table(r):
          f"COCO2014's {COCO_IMAGES:,} images: {r['decode_check']['coco_seconds']:.0f} s on "
          f"{r['decode_check']['cores']} cores"),
         ("mAP of 40,504 images x 80 classes (COCO val2014's size)", f"{r['map_seconds_coco']:.2f} s", ""),
+        (f"predict: {r['predict']['images']} PNG images at {r['predict']['size']} px, batch {r['predict']['batch']}",
+         f"{r['predict']['images_per_s']:.1f} images/s", f"{r['predict']['workers']} workers, peak "
+                                                         f"{peak['predict']:.0f} MB"),
     ]
     if "voc_projection" in r:
         v = r["voc_projection"]

@@ -2200,7 +2200,7 @@ def test_start_up_says_what_it_is_doing(tmp_path):
 
 
 CORE = {"aggregation", "heads", "loss", "metrics", "data", "augment"}
-LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis"}
+LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis", "folder", "predict"}
 
 
 def _imports(path):
@@ -2425,7 +2425,7 @@ def test_authors_randaugment_magnitudes_and_operations():
     assert 0 < painted.sum() <= 18 * 18
     for op in ("ShearX", "TranslateX", "Rotate", "Sharpness", "Contrast", "Color", "AutoContrast"):
         assert apply_authors_op(image, op, 5).size == image.size
-        tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
         assert apply_authors_op(tensor, op, 5).shape == tensor.shape
 
 
@@ -2511,7 +2511,7 @@ def _make_folder(root, n_train=10, n_test=6):
 
 
 def test_folder_dataset_reads_partial_labels(tmp_path):
-    from clipmlr.data import load_folder
+    from clipmlr.folder import load_folder
     _make_folder(str(tmp_path))
     paths, labels, names = load_folder(str(tmp_path), "train")
     assert names == FOLDER_CLASSES and len(paths) == 10 and paths[0] == os.path.join(str(tmp_path), "photos/train0.jpg")
@@ -2531,7 +2531,7 @@ def test_folder_dataset_reads_partial_labels(tmp_path):
     (lambda t: t.replace("photos/train0.jpg", "photos/nowhere.jpg"), r"missing, e.g. .*nowhere.jpg"),
 ])
 def test_folder_dataset_errors_name_file_row_and_column(tmp_path, edit, message):
-    from clipmlr.data import load_folder
+    from clipmlr.folder import load_folder
     _make_folder(str(tmp_path))
     csv_path = tmp_path / "train.csv"
     if message is None:  # a cell that is not 1/0/-1/empty, named by row and column
@@ -2548,7 +2548,7 @@ def test_folder_dataset_errors_name_file_row_and_column(tmp_path, edit, message)
 
 
 def test_folder_dataset_class_checks(tmp_path):
-    from clipmlr.data import load_folder
+    from clipmlr.folder import load_folder
     _make_folder(str(tmp_path))
     text = (tmp_path / "train.csv").read_text().splitlines()
     unknown = [text[0]] + [",".join(l.split(",")[:3] + ["-1"]) for l in text[1:]]

@@ -17,7 +17,8 @@ from . import clip
 from .cache import CacheError, weights_fingerprint
 from .checkpoint import CheckpointError
 from .augment import image_transform
-from .data import DataError, load_coco, load_folder, load_voc
+from .data import DataError, load_coco, load_voc
+from .folder import load_folder
 from .demo import DEMO_CLASSES, demo_split, tiny_clip
 from .download import download_coco, download_voc
 from .heads import HEADS, HeadError

@@ -6,7 +6,7 @@ reported by name before any training starts. The images' transforms are in augme
 (clipmlr/download.py).
 
 Protocol (PositiveCoOp paper Sec. 4, following DualCoOp): VOC2007 trains on trainval and tests on test; COCO2014
-trains on train2014 and tests on val2014. Your own images: a folder with train.csv and test.csv (`load_folder`). Shape key: N images, C classes.
+trains on train2014 and tests on val2014. (Your own images, beyond the paper, are a layer: clipmlr/folder.py.) Shape key: N images, C classes.
 """
 import json
 import os
@@ -130,55 +130,6 @@ def load_coco(root, split):
         labels[row, list(present[i])] = 1
     paths = [os.path.join(root, split, files[i]) for i in ids]
     return check_images(paths), labels, [c["name"] for c in categories]
-
-
-# ---------------------------------------------------------------------------------------------------- your own images
-
-def load_folder(root, split, classnames=None):
-    """(image paths, (N, C) labels, class names) from root/<split>.csv: your own partially labelled images.
-
-    The header is `image,<class 1>,<class 2>,...`; each row an image path relative to `root`, then one cell per
-    class: 1 present, 0 absent, -1 or empty unknown. Unknown labels stay −1 (real partial labels). `classnames`,
-    when given (the training split's), must be the header's. Every error names the file, row and column.
-    """
-    import csv
-    path = os.path.join(root, f"{split}.csv")
-    if not os.path.isfile(path):
-        raise DataError(f"no {split}.csv in {os.path.abspath(root)}: --data folder reads train.csv and test.csv there "
-                        f"(header image,<class>,...; cells 1 present, 0 absent, -1 or empty unknown); see README.md")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
-    if not rows or len(rows[0]) < 2 or rows[0][0].strip() != "image" or not all(c.strip() for c in rows[0][1:]):
-        raise DataError(f"{path}, row 1: the header must be image,<class 1>,<class 2>,... with every class named; "
-                        f"got {rows[0] if rows else 'an empty file'}")
-    names = [c.strip() for c in rows[0][1:]]
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}, row 1: a class is named twice in the header {names}")
-    if classnames is not None and names != list(classnames):
-        raise DataError(f"{path}, row 1: the classes {names} are not train.csv's {list(classnames)} (same names, "
-                        f"same order)")
-    images, labels, seen = [], [], {}
-    values = {"1": 1, "0": 0, "-1": -1, "": -1}
-    for number, row in enumerate(rows[1:], start=2):
-        if len(row) != len(names) + 1:
-            raise DataError(f"{path}, row {number}: {len(row)} cells, but the header has {len(names) + 1}")
-        image = row[0].strip()
-        if image in seen:
-            raise DataError(f"{path}, row {number}: the image {image} is listed again (first in row {seen[image]})")
-        seen[image] = number
-        for column, (name, cell) in enumerate(zip(names, row[1:]), start=2):
-            if cell.strip() not in values:
-                raise DataError(f"{path}, row {number}, column {column} ({name}): {cell!r} is not 1, 0, -1 or empty")
-        images.append(os.path.join(root, image))
-        labels.append([values[cell.strip()] for cell in row[1:]])
-    if not images:
-        raise DataError(f"{path} lists no images, only its header")
-    labels = torch.tensor(labels, dtype=torch.long)
-    unknown = [n for n, known in zip(names, (labels >= 0).any(dim=0).tolist()) if not known]
-    if unknown and classnames is None:  # training: a class never labelled cannot be learned (a test class: no AP)
-        raise DataError(f"{path}: the class(es) {unknown} have no known label in any row; label some images or "
-                        f"remove the column")
-    return check_images(images), labels, names
 
 
 def check_images(paths):
