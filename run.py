@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from clipmlr.augment import image_transform
-from clipmlr.data import ImageDataset, check_decodable, mask_labels
+from clipmlr.data import EpochSampler, ImageDataset, SeededViews, check_decodable, mask_labels
 from clipmlr.heads import build_head, count_trainable, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
 from clipmlr.metrics import average_precision, margins_of
@@ -77,7 +77,8 @@ def run(args):
     mask_y = mask_labels(train_y, args.labels, args.seed) if state is None else state["mask"]
     known = (mask_y >= 0).float().mean().item()
     say(f"data: {args.data}, {len(train)} training images ({known * 100:.1f}% of labels known), {len(test)} test "
-        f"images, {len(classnames)} classes; device {device}" + (f", {world} processes" if world > 1 else ""))
+        f"images, {len(classnames)} classes; device {device}" + (f", {world} processes" if world > 1 else "")
+        + f"; {args.workers} loader workers")
     if known == 0:
         raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
                            f"give a larger --labels")
@@ -148,20 +149,24 @@ def run(args):
 
     # training: for epoch, for batch: images -> features -> head -> loss -> step
     # the order is a permutation seeded by (seed, epoch); [layer: torchrun] rank r takes every world-th image of
-    # it, so the union of the ranks' batches k is the global batch k that one process would see
-    sampler = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    # it, so the union of the ranks' batches k is the global batch k that one process would see. Image i's
+    # augmentation in epoch e is seeded by (e, i) alone (SeededViews): the same whatever the workers or ranks,
+    # and the same as the feature cache's view e; so the workers persist from epoch to epoch.
+    order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    if not args.cache_features:
+        train_set, order = SeededViews(train_set, args.epochs), EpochSampler(order, len(train_set))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=order,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=device.type == "cuda")
     ap = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
-        seed_everything(args.seed * 100_003 + epoch * 1009 + rank)  # augmentations: a function of these alone
         factor = lr_factor(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = args.warmup_lr if factor is None else group["base_lr"] * factor
-        sampler.set_epoch(epoch)
+        order.set_epoch(epoch)
         if args.cache_features:
             train_set.set_epoch(epoch)  # [layer: cache] view epoch mod V
-        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=sampler,
-                                             num_workers=workers, pin_memory=device.type == "cuda")
         total = torch.zeros((), device=device)
         for batch, targets, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0 or None):
             features = features_of(batch)  # (B, L, D)

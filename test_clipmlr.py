@@ -2679,3 +2679,28 @@ def test_a_head_refuses_another_clip(tmp_path, capsys):
     err = capsys.readouterr().err
     trained = _sha256(str(tmp_path / "t.pt"))
     assert trained in err and _sha256(str(tmp_path / "other.pt")) in err and "--clip" in err
+
+
+def test_training_is_the_same_with_any_number_of_workers(tmp_path):
+    """Each image's augmentation in epoch e is seeded by (e, image) alone, so persistent worker processes, their
+    number, or none at all give the very same run (encoder in the loop, augmentation on)."""
+    results = []
+    for workers in ("0", "2"):
+        out = tmp_path / workers
+        code, stdout, err = _run_cli(*SMALL, "--epochs", "3", "--workers", workers, "--out", str(out), cwd=str(tmp_path))
+        assert code == 0, err
+        assert f"; {workers} loader workers" in stdout
+        results.append(_strict_json(out / "results.json"))
+    assert [h["loss"] for h in results[0]["history"]] == [h["loss"] for h in results[1]["history"]]
+    assert results[0]["map"] == results[1]["map"]
+
+
+def test_default_workers_are_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.parse_args([]).workers == 6
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert cli.parse_args([]).workers == 1  # 6 cores over 4 torchrun processes
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert cli.parse_args([]).workers == 16 and cli.parse_args(["--workers", "0"]).workers == 0

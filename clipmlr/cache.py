@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 
@@ -46,6 +45,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import save_atomic
+from .data import SeededViews
 
 CACHE_FORMAT = 1  # bump when the layout or the per-view seeding changes: old caches then no longer match
 
@@ -70,35 +70,6 @@ class Stored(torch.utils.data.Dataset):
         self.view = epoch % self.features.shape[0]
 
 
-class SeededViews(torch.utils.data.Dataset):
-    """Item j = (view j // N of image j % N, j), its random augmentation seeded by j, so by (view, image) alone."""
-
-    def __init__(self, dataset, views):
-        self.dataset, self.views = dataset, views
-
-    def __len__(self):
-        return self.views * len(self.dataset)
-
-    def __getitem__(self, j):
-        # Cutout draws from `random`, RandAugment from torch's generator; both are seeded for this item alone
-        # and given back as they were (torch keeps 32 bits of a seed, and j < 2**32)
-        with seeded(j):
-            return self.dataset[j % len(self.dataset)][0], j
-
-
-@contextlib.contextmanager
-def seeded(seed):
-    """Python's and torch's CPU random state seeded with `seed` inside, restored on exit: no global state leaks."""
-    state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            torch.manual_seed(seed)
-            yield
-    finally:
-        random.setstate(state)
-
-
 @torch.inference_mode()
 def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="encoding"):
     """Encodes the (view, chunk) pairs in `todo`; chunk c of a view is images [c*chunk, (c+1)*chunk).
@@ -111,7 +82,7 @@ def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="enc
                                          pin_memory=torch.cuda.is_available(),
                                          generator=torch.Generator())  # not the process's: items seed themselves
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=None, leave=False) as bar:
-        for (v, c), (images, _) in zip(todo, loader):
+        for (v, c), (images, _, _) in zip(todo, loader):
             store(v, c, encode(images).half().cpu().numpy())
             bar.update(len(images))
 

@@ -98,7 +98,9 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out (a run "
                    "with no checkpoint yet starts at epoch 1, keeping any feature cache it had begun)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    p.add_argument("--workers", type=int, default=None, help="data-loading worker processes, kept from epoch to "
+                   "epoch (default: the CPU cores this process may use, shared among torchrun's processes, at most "
+                   "16)")
     args = p.parse_args(argv)
     if not 0 < args.labels <= 1:
         p.error(f"--labels {args.labels} is outside (0, 1]: give the fraction of training labels to keep, "
@@ -110,6 +112,8 @@ def parse_args(argv=None, prog=None):
     if args.image_size is not None and args.image_size < 32:
         p.error(f"--image-size {args.image_size} is below 32: the image encoder downsamples by 32, so give at "
                 f"least 32 (the paper: 448)")
+    if args.workers is None:
+        args.workers = default_workers()
     if args.workers < 0:
         p.error(f"--workers {args.workers} must be 0 (load in the main process) or more")
     if args.clip and args.clip not in clip.available_models() and not os.path.isfile(args.clip):
@@ -132,6 +136,13 @@ def parse_args(argv=None, prog=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu (or auto)")
     return args
+
+
+def default_workers(cap=16):
+    """The CPU cores this process may use (its affinity, not the machine's count), shared among the processes
+    torchrun started, at most `cap`: decoding and augmenting images is what the workers do, one core each."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cap, cores // int(os.environ.get("WORLD_SIZE", "1"))))
 
 
 def settings_of(args):

@@ -153,7 +153,7 @@ def parse_args(argv=None):
     p.add_argument("--weights-dir", default="weights", help="where CLIP checkpoints are (and are downloaded to)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    p.add_argument("--workers", type=int, default=cli.default_workers(), help="data-loading worker processes")
     args = p.parse_args(argv)
     if not args.paths and not args.evaluate:
         p.error("give images or folders to tag, or --evaluate")
