@@ -83,6 +83,10 @@ def run(args):
         raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
                            f"give a larger --labels")
     loss_weight = loss_weight_rule(known) if args.loss_weight is None else args.loss_weight  # 0.03 at 50% of labels
+    no_ap = [n for n, has in zip(classnames, (test_y == 1).any(dim=0).tolist()) if not has]
+    if no_ap:
+        say(f"note: {len(no_ap)} class(es) have no known positive test label, so no AP (null), left out of the mAP: "
+            f"{', '.join(no_ap[:10])}{' ...' if len(no_ap) > 10 else ''}")
 
     # the frozen CLIP: images (B, 3, S, S) -> dense features (B, L, D), one per grid position + the mean token
     model, clip_info = cli.load_clip(args, train, say)
@@ -206,6 +210,8 @@ def run(args):
         "trainable_params": count_trainable(head), "train_seconds": train_seconds, "history": history,
         "clip": clip_info, "settings": cli.settings_of(args), "loss_weight": loss_weight, "device": str(device),
         "data_root": os.path.abspath(args.data_root), "cache_dir": os.path.abspath(args.cache_dir),
+        "clip_path": os.path.abspath(args.clip) if args.clip and os.path.isfile(args.clip) else None,
+        "weights_dir": os.path.abspath(args.weights_dir),
         "processes": world, "torch": torch.__version__,
     }
     evaluated = [h for h in history if "map" in h]

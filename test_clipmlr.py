@@ -2528,7 +2528,7 @@ def test_folder_dataset_reads_partial_labels(tmp_path):
     (lambda t: t.replace("photos/train2.jpg,", "photos/train2.jpg,yes,", 1).replace(",yes,", ",x,", 1)
      .replace("photos/train2.jpg,x,", "photos/train2.jpg,"), None),
     (lambda t: t + t.splitlines()[3] + "\n", r"train.csv, row 12: the image photos/train2.jpg is listed again \(first in row 4\)"),
-    (lambda t: t.replace("photos/train0.jpg", "photos/nowhere.jpg"), r"missing, e.g. .*nowhere.jpg"),
+    (lambda t: t.replace("photos/train0.jpg", "photos/nowhere.jpg"), r"train.csv, row 2, column 1: no image .*nowhere.jpg"),
 ])
 def test_folder_dataset_errors_name_file_row_and_column(tmp_path, edit, message):
     from clipmlr.folder import load_folder
@@ -2704,3 +2704,80 @@ def test_default_workers_are_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
     monkeypatch.delenv("WORLD_SIZE")
     assert cli.parse_args([]).workers == 16 and cli.parse_args(["--workers", "0"]).workers == 0
+
+
+def test_folder_dataset_more_checks(tmp_path):
+    from clipmlr.folder import load_folder
+    _make_folder(str(tmp_path))
+    lines = (tmp_path / "train.csv").read_text().splitlines()
+    # a blank line: rows keep the file's line numbers
+    cells = lines[3].split(",")
+    cells[2] = "maybe"
+    (tmp_path / "train.csv").write_text("\n".join(lines[:1] + [""] + lines[1:3] + [",".join(cells)] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=r"row 5, column 3 \(dog\): 'maybe'"):
+        load_folder(str(tmp_path), "train")
+    # an empty image cell, a missing image: named by row and column
+    for image, message in (("", "row 3, column 1: the image path is empty"),
+                           ("photos/gone.jpg", r"row 3, column 1: no image .*gone.jpg")):
+        cells = lines[2].split(",")
+        cells[0] = image
+        (tmp_path / "train.csv").write_text("\n".join(lines[:2] + [",".join(cells)] + lines[3:]) + "\n")
+        with pytest.raises(DataError, match=message):
+            load_folder(str(tmp_path), "train")
+    # not UTF-8 (a cp1252 export)
+    (tmp_path / "train.csv").write_bytes("image,caf\xe9\n".encode("cp1252"))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        load_folder(str(tmp_path), "train")
+    # pandas' 1.0 / 0.0 cells are read as 1 / 0
+    (tmp_path / "train.csv").write_text("\n".join([lines[0]] + [l.replace(",1", ",1.0") for l in lines[1:]]) + "\n")
+    assert (load_folder(str(tmp_path), "train")[1] == 1).sum() > 0
+    # a test split with no known positive anywhere cannot be scored: refused at once, not after training
+    test = (tmp_path / "test.csv").read_text().splitlines()
+    (tmp_path / "test.csv").write_text("\n".join([test[0]] + [l.split(",")[0] + ",0,0,-1" for l in test[1:]]) + "\n")
+    with pytest.raises(DataError, match="test.csv: no class has a known positive"):
+        load_folder(str(tmp_path), "test", FOLDER_CLASSES)
+
+
+def test_predict_failures_and_moves(tmp_path, capsys, monkeypatch):
+    from clipmlr import predict
+    _, argv = _tiny_voc_run(tmp_path, "--workers", "0", "--epochs", "1")
+    argv[argv.index("--clip") + 1] = "t.pt"  # a path relative to where run.py ran
+    monkeypatch.chdir(tmp_path)
+    assert run.main(argv) == 0
+    out = str(tmp_path / "out")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # predict finds the run's CLIP from any working directory
+    assert predict.main([out, "--evaluate", "--workers", "0"]) == 0
+    with pytest.raises(SystemExit) as e:  # a folder as --json: a usage error, before anything is loaded
+        predict.main([out, str(tmp_path / "voc"), "--json", str(elsewhere), "--workers", "0"])
+    assert e.value.code == 2 and "is a folder" in capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (tmp_path / "out" / "results.json").write_text(json.dumps({**results, "map": results["map"] + 1}))
+    assert predict.main([out, "--evaluate", "--workers", "0"]) == 1  # disagrees with results.json: not 0
+    (tmp_path / "out" / "head.pt").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert predict.main([out, "--evaluate", "--workers", "0"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_switches_refuse_the_options_they_set(capsys):
+    assert analysis.main(["switches", *DEMO_ARGS, "--loss-weight", "0.03"]) == 2
+    assert "--loss-weight" in capsys.readouterr().err
+
+
+def test_authors_geometric_operations_match_the_packages_pil_formulas():
+    """Shear and rotation against the package's own PIL calls (affine matrix, bicubic, grey fill)."""
+    from clipmlr.augment import apply_authors_op
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    for level in (2, 9):
+        m = 0.3 * level / 9
+        got = np.asarray(apply_authors_op(image, "ShearX", level))
+        want = [np.asarray(image.transform(image.size, Image.AFFINE, (1, s * m, 0, 0, 1, 0), Image.BICUBIC,
+                                           fillcolor=(128, 128, 128))) for s in (1, -1)]
+        assert any(np.abs(got.astype(int) - w).max() <= 1 for w in want), level
+        got = np.asarray(apply_authors_op(image, "Rotate", level))
+        rot = image.convert("RGBA").rotate(30 * level / 9)
+        want = np.asarray(Image.composite(rot, Image.new("RGBA", rot.size, (128,) * 4), rot).convert("RGB"))
+        assert np.abs(got.astype(int) - want).max() <= 1, level

@@ -65,7 +65,7 @@ def apply_authors_op(image, op, level):
         smooth = T.InterpolationMode.BILINEAR if isinstance(image, torch.Tensor) else T.InterpolationMode.BICUBIC
         return TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0, center=[0, 0], fill=GREY,
                          shear=[angle, 0.0] if op == "ShearX" else [0.0, angle], interpolation=smooth)
-    if op in ("TranslateX", "TranslateY"):
+    if op in ("TranslateX", "TranslateY"):  # in whole pixels (the package shifts by the fraction, nearest sampling)
         shift = [int(sign * v * width), 0] if op == "TranslateX" else [0, int(sign * v * height)]
         return TF.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], fill=GREY)
     if op == "Rotate":

@@ -182,8 +182,8 @@ def check_decodable(paths, workers=0):
                                          generator=torch.Generator())  # draws nothing from the process's RNG
     bad = [e for batch in tqdm(loader, desc="decoding", unit="batch", disable=None, leave=False) for e in batch if e]
     if bad:
-        raise DataError(f"{len(bad)} of {len(paths)} images do not decode; the first: {bad[0]}. Restore them from "
-                        f"the dataset's archive (or --download again into an empty --data-root)")
+        raise DataError(f"{len(bad)} of {len(paths)} images do not decode; the first: {bad[0]}. Restore or replace "
+                        f"them (for VOC/COCO: from the archive, or --download again into an empty --data-root)")
 
 
 class ImageDataset(torch.utils.data.Dataset):

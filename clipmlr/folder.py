@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .data import DataError, check_images
+from .data import DataError
 
 
 def load_folder(root, split, classnames=None):
@@ -25,25 +25,33 @@ def load_folder(root, split, classnames=None):
     if not os.path.isfile(path):
         raise DataError(f"no {split}.csv in {os.path.abspath(root)}: --data folder reads train.csv and test.csv there "
                         f"(header image,<class>,...; cells 1 present, 0 absent, -1 or empty unknown); see README.md")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
-    if not rows or len(rows[0]) < 2 or rows[0][0].strip() != "image" or not all(c.strip() for c in rows[0][1:]):
-        raise DataError(f"{path}, row 1: the header must be image,<class 1>,<class 2>,... with every class named; "
-                        f"got {rows[0] if rows else 'an empty file'}")
-    names = [c.strip() for c in rows[0][1:]]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)  # rows numbered as the file's lines, blank lines skipped
+            rows = [(reader.line_num, r) for r in reader if any(cell.strip() for cell in r)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e}); save it again as UTF-8 CSV") from None
+    if not rows or len(rows[0][1]) < 2 or rows[0][1][0].strip() != "image" or not all(c.strip() for c in rows[0][1][1:]):
+        raise DataError(f"{path}, row {rows[0][0] if rows else 1}: the header must be image,<class 1>,<class 2>,... "
+                        f"with every class named; got {rows[0][1] if rows else 'an empty file'}")
+    (_, header), rows = rows[0], rows[1:]
+    names = [c.strip() for c in header[1:]]
     if len(set(names)) != len(names):
         raise DataError(f"{path}, row 1: a class is named twice in the header {names}")
     if classnames is not None and names != list(classnames):
         raise DataError(f"{path}, row 1: the classes {names} are not train.csv's {list(classnames)} (same names, "
                         f"same order)")
     images, labels, seen = [], [], {}
-    values = {"1": 1, "0": 0, "-1": -1, "": -1}
-    for number, row in enumerate(rows[1:], start=2):
+    values = {"1": 1, "0": 0, "-1": -1, "": -1, "1.0": 1, "0.0": 0, "-1.0": -1}  # x.0: as pandas writes floats
+    for number, row in rows:
         if len(row) != len(names) + 1:
             raise DataError(f"{path}, row {number}: {len(row)} cells, but the header has {len(names) + 1}")
         image = row[0].strip()
         if image in seen:
             raise DataError(f"{path}, row {number}: the image {image} is listed again (first in row {seen[image]})")
+        if not image or not os.path.isfile(os.path.join(root, image)):
+            raise DataError(f"{path}, row {number}, column 1: " + (f"no image {os.path.join(root, image)}" if image
+                            else "the image path is empty") + "; fix the path (relative to the CSV's folder)")
         seen[image] = number
         for column, (name, cell) in enumerate(zip(names, row[1:]), start=2):
             if cell.strip() not in values:
@@ -57,4 +65,7 @@ def load_folder(root, split, classnames=None):
     if unknown and classnames is None:  # training: a class never labelled cannot be learned (a test class: no AP)
         raise DataError(f"{path}: the class(es) {unknown} have no known label in any row; label some images or "
                         f"remove the column")
-    return check_images(images), labels, names
+    if classnames is not None and not (labels == 1).any():
+        raise DataError(f"{path}: no class has a known positive (a 1) in any row, so no AP can be computed; "
+                        f"label the test images")
+    return images, labels, names

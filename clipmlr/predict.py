@@ -44,8 +44,11 @@ def load_head(run_dir, model, clip_info):
     path = os.path.join(run_dir, "head.pt")
     if not os.path.isfile(path):
         raise PredictError(f"{run_dir} holds no head.pt: give the --out folder of a finished `python run.py ...`")
-    record = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in record:
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, overwritten, not a torch file
+        raise PredictError(f"cannot read {path} ({type(e).__name__}: {e}); train the run again") from None
+    if not isinstance(record, dict) or "state_dict" not in record:
         raise PredictError(f"{path} is a bare state dict from an older clipmlr, without the description predict "
                            f"needs; train the run again")
     trained, loaded = record["clip"]["identity"], cli.clip_identity(clip_info, model)
@@ -59,17 +62,26 @@ def load_head(run_dir, model, clip_info):
     return head.eval(), record
 
 
-def load_run(run_dir, device="auto", clip=None, weights_dir="weights", workers=0):
-    """(head, CLIP, head.pt's record, results.json, run.py's arguments) of a finished run."""
+def load_run(run_dir, device="auto", clip=None, weights_dir=None, workers=0, data_root=None):
+    """(head, CLIP, head.pt's record, results.json, run.py's arguments) of a finished run. The run's CLIP
+    checkpoint, weights folder and data are found where the run had them (absolute paths in results.json),
+    from any working directory; `clip`, `weights_dir` and `data_root` say where they are now if they moved."""
     path = os.path.join(run_dir, "results.json")
     if not os.path.isfile(path):
         raise PredictError(f"{run_dir} holds no results.json: give the --out folder of a finished `python run.py ...`")
-    with open(path) as f:
-        results = json.load(f)
-    argv = cli.settings_argv(results["settings"]) + ["--device", device, "--weights-dir", weights_dir,
-                                                     "--data-root", results["data_root"], "--cache-dir",
-                                                     results["cache_dir"], "--workers", str(workers)]
-    args = cli.parse_args(argv + (["--clip", clip] if clip else []), prog="python -m clipmlr.predict")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        settings, found = results["settings"], {k: results[k] for k in ("data_root", "cache_dir", "weights_dir")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise PredictError(f"{path} is unreadable or from an older clipmlr ({type(e).__name__}: {e}); train the run "
+                           f"again") from None
+    clip = clip or results.get("clip_path")
+    argv = cli.settings_argv({**settings, "clip": None}) + [
+        "--device", device, "--weights-dir", weights_dir or found["weights_dir"], "--data-root",
+        data_root or found["data_root"], "--cache-dir", found["cache_dir"], "--workers", str(workers)]
+    args = cli.parse_args(argv + (["--clip", clip or settings["clip"]] if clip or settings["clip"] else []),
+                          prog="python -m clipmlr.predict")
     # the demo's random CLIP is calibrated on the demo's training images, as run.py built it
     calibration = cli.load_data(args, say=lambda *a: None)[0] if args.data == "demo" else None
     model, clip_info = cli.load_clip(args, calibration, say=lambda *a: None)
@@ -150,7 +162,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write every image's probability and margin per class here")
     p.add_argument("--evaluate", action="store_true", help="score the run's test split again and print its mAP")
     p.add_argument("--clip", default=None, help="the run's CLIP checkpoint, if not where it was (the same sha256)")
-    p.add_argument("--weights-dir", default="weights", help="where CLIP checkpoints are (and are downloaded to)")
+    p.add_argument("--weights-dir", default=None, help="where CLIP checkpoints are (default: the run's)")
+    p.add_argument("--data-root", default=None, help="where the run's dataset is now, for --evaluate (default: "
+                   "where it was)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=cli.default_workers(), help="data-loading worker processes")
@@ -164,19 +178,25 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if args.workers < 0:
         p.error(f"--workers {args.workers} must be 0 or more")
+    if args.json and os.path.isdir(args.json):
+        p.error(f"--json {args.json} is a folder; give the path of the JSON file to write")
     return args
 
 
 def run(opts):
-    head, model, record, results, args = load_run(opts.run, opts.device, opts.clip, opts.weights_dir, opts.workers)
+    """Tags the images and/or evaluates; returns the exit status (1 if --evaluate disagrees with results.json)."""
+    if opts.json:
+        cli.check_writable(os.path.dirname(os.path.abspath(opts.json)), "--json")
+    head, model, record, results, args = load_run(opts.run, opts.device, opts.clip, opts.weights_dir, opts.workers,
+                                                  opts.data_root)
+    status = 0
     if opts.evaluate:
         value, _ = evaluate(head, model, record, results, args)
         same = "equal to" if value == results["map"] else "NOT equal to"
         print(f"mAP {value:.4f} on {args.data}'s test split, {same} results.json's {results['map']:.4f}")
+        status = 0 if value == results["map"] else 1
     if not opts.paths:
-        return
-    if opts.json:
-        cli.check_writable(os.path.dirname(os.path.abspath(opts.json)), "--json")
+        return status
     paths, names = image_paths(opts.paths), record["classnames"]
     probabilities, margins, unreadable = {}, {}, {}
     for path, out in predict(head, model, paths, record["image_size"], torch.device(args.device), opts.batch_size,
@@ -199,16 +219,16 @@ def run(opts):
         save_atomic({"run": os.path.abspath(opts.run), "clip": record["clip"], "threshold": opts.threshold,
                      "probabilities": probabilities, "margins": margins, "unreadable": unreadable}, opts.json)
         print(f"-> {opts.json}")
+    return status
 
 
 def main(argv=None):
     opts = parse_args(argv)
     try:
-        run(opts)
+        return run(opts)
     except (PredictError, *cli.ERRORS) as e:  # the user's to fix; anything else keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from .plots import similarity_figure
 from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table, similarity_maps,
                          text_features, zero_shot_scores)
 from .sweep import DEMO_NOTE, PROPORTIONS, SweepError, run_sweep, write_sweep
-from .switches import run_switches, switches_table
+from .switches import SWITCHES, run_switches, switches_table
 from .templates import ABSENCE, COCO_CLASSES, PRESENCE, fill
 
 
@@ -145,6 +145,11 @@ def cmd_sweep(opts, extras):
 # ---------------------------------------------------------------------------------------------------- switches
 
 def cmd_switches(opts, extras):
+    own = sorted({o for _, options in SWITCHES for o in options if o.startswith("--")})
+    given = [a for a in extras if a.split("=")[0] in own]
+    if given:
+        raise AnalysisError(f"the switches set {', '.join(given)} themselves, one at a time; leave those options out "
+                            f"(the first row must be the defaults)")
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis switches")
     out = opts.out or os.path.join("runs", "analysis", f"switches-{args.data}-{args.head}")
     check_folders(out, args)
