@@ -15,7 +15,6 @@ marked [layer] call what goes beyond the paper: the feature cache, checkpoints a
 import contextlib
 import math
 import os
-import random
 import sys
 import time
 
@@ -23,8 +22,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipmlr.augment import image_transform
-from clipmlr.data import EpochSampler, ImageDataset, SeededViews, check_decodable, mask_labels
+from clipmlr.augment import EpochSampler, SeededViews, image_transform
+from clipmlr.data import ImageDataset, check_decodable, mask_labels
 from clipmlr.heads import build_head, count_trainable, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
 from clipmlr.metrics import average_precision, margins_of
@@ -36,12 +35,6 @@ def lr_factor(epoch, args):
     if epoch < args.warmup_epochs:
         return None  # every group at args.warmup_lr
     return 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.epochs))
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def evaluate(head, test_set, features_of, batch_size, workers):
@@ -104,7 +97,7 @@ def run(args):
             return model.encode_dense(images.to(device, non_blocking=True, memory_format=memory_format)).float()
 
     # the head, and SGD with one learning rate per kind of parameter (context vectors, embeddings, projector)
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # the head's initialisation; the data order and augmentations seed themselves
     head = build_head(args.head, model, classnames, n_ctx=args.n_ctx, class_specific=not args.shared_context,
                       absence_weights=args.absence_weights, residual=not args.no_residual)
     groups = parameter_groups(head, args.lr_prompt, args.lr_embedding, args.lr_linear)

@@ -1,10 +1,12 @@
-"""The paper's image transforms: a plain resize, and for training Cutout + RandAugment (Sec. 4).
+"""The paper's image transforms: a plain resize, and for training Cutout + RandAugment (Sec. 4); and how their
+randomness is seeded: image i's augmentation in epoch (or cached view) e is seeded by (e, i) alone (SeededViews).
 
 Training images are augmented as DualCoOp and PositiveCoOp do: Cutout (one square of half the side, random
 colour), then RandAugment. The authors' RandAugment is the `randaugment` package (1.0.2), whose policy differs
 from torchvision's; it is rebuilt here from torchvision's operations (no extra dependency) and is the default;
 torchvision's own is the alternative (`randaugment="torchvision"`, run.py's --randaugment).
 """
+import contextlib
 import math
 import random
 
@@ -123,3 +125,54 @@ def image_transform(size, train, randaugment="authors"):
     if train:
         steps += [Cutout(0.5), RANDAUGMENT[randaugment]()]
     return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+class SeededViews(torch.utils.data.Dataset):
+    """Item j = view j // N of item j % N of `dataset`, its random augmentation seeded by j alone.
+
+    View e is epoch e of training with the encoder in the loop, and view e of the feature cache: the same
+    augmentation of the same image either way, whatever the worker processes, their number or the ranks.
+    """
+
+    def __init__(self, dataset, views):
+        self.dataset, self.views = dataset, views
+
+    def __len__(self):
+        return self.views * len(self.dataset)
+
+    def __getitem__(self, j):
+        # Cutout draws from `random`, RandAugment from torch's generator; both are seeded for this item alone
+        # and given back as they were (torch keeps 32 bits of a seed, and j < 2**32)
+        with seeded(j):
+            return self.dataset[j % len(self.dataset)]
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Python's and torch's CPU random state seeded with `seed` inside, restored on exit: no global state leaks."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(state)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """`sampler`'s image indices i (0..N-1) as SeededViews items epoch·N + i: the order of `sampler`, the
+    augmentations of epoch `epoch`. One sampler for all epochs, so worker processes can persist."""
+
+    def __init__(self, sampler, n):
+        self.sampler, self.n, self.epoch = sampler, n, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return (self.epoch * self.n + i for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)

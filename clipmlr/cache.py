@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import save_atomic
-from .data import SeededViews
+from .augment import SeededViews
 
 CACHE_FORMAT = 1  # bump when the layout or the per-view seeding changes: old caches then no longer match
 

@@ -8,10 +8,8 @@ reported by name before any training starts. The images' transforms are in augme
 Protocol (PositiveCoOp paper Sec. 4, following DualCoOp): VOC2007 trains on trainval and tests on test; COCO2014
 trains on train2014 and tests on val2014. (Your own images, beyond the paper, are a layer: clipmlr/folder.py.) Shape key: N images, C classes.
 """
-import contextlib
 import json
 import os
-import random
 import xml.etree.ElementTree as ET
 
 import torch
@@ -199,54 +197,3 @@ class ImageDataset(torch.utils.data.Dataset):
         image = self.images[i]  # a path, or a PIL image (the demo's)
         image = read_image(image) if isinstance(image, str) else image
         return self.transform(image), self.labels[i], i
-
-
-class SeededViews(torch.utils.data.Dataset):
-    """Item j = view j // N of item j % N of `dataset`, its random augmentation seeded by j alone.
-
-    View e is epoch e of training with the encoder in the loop, and view e of the feature cache: the same
-    augmentation of the same image either way, whatever the worker processes, their number or the ranks.
-    """
-
-    def __init__(self, dataset, views):
-        self.dataset, self.views = dataset, views
-
-    def __len__(self):
-        return self.views * len(self.dataset)
-
-    def __getitem__(self, j):
-        # Cutout draws from `random`, RandAugment from torch's generator; both are seeded for this item alone
-        # and given back as they were (torch keeps 32 bits of a seed, and j < 2**32)
-        with seeded(j):
-            return self.dataset[j % len(self.dataset)]
-
-
-@contextlib.contextmanager
-def seeded(seed):
-    """Python's and torch's CPU random state seeded with `seed` inside, restored on exit: no global state leaks."""
-    state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            torch.manual_seed(seed)
-            yield
-    finally:
-        random.setstate(state)
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """`sampler`'s image indices i (0..N-1) as SeededViews items epoch·N + i: the order of `sampler`, the
-    augmentations of epoch `epoch`. One sampler for all epochs, so worker processes can persist."""
-
-    def __init__(self, sampler, n):
-        self.sampler, self.n, self.epoch = sampler, n, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        return (self.epoch * self.n + i for i in self.sampler)
-
-    def __len__(self):
-        return len(self.sampler)
