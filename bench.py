@@ -12,8 +12,9 @@ speed does not depend on them):
   3. one training step (forward, asymmetric loss, backward, SGD) of every head, on cached features vs with the
      image encoder in the loop (images already decoded and augmented; the encoder's forward is what differs)
   4. one epoch of the demo (`run.py --data demo`'s loop, PositiveCoOp), encoder in the loop vs cached features
-  5. predict (`python -m clipmlr.predict`): images/s over a folder of demo images
-  6. peak memory; with RN101, the projected time of the paper's VOC2007 run (50 epochs of PositiveCoOp on
+  5. the input pipelines, PIL vs uint8 tensors (--pipeline), images/s on one core, decoding included
+  6. predict (`python -m clipmlr.predict`): images/s over a folder of demo images
+  7. peak memory; with RN101, the projected time of the paper's VOC2007 run (50 epochs of PositiveCoOp on
      5,011 trainval images, 4,952 test images encoded once), with and without the feature cache (K views)
 On CUDA the image encoder runs under bf16 autocast with channels_last, as run.py does; the train
 step is also timed with the head under bf16 autocast. Without --quick, a CPU run takes a few minutes.
@@ -249,14 +250,27 @@ def bench_predict(model, size, n, batch, workers, device):
     return {"images": done, "size": size, "batch": batch, "workers": workers, "images_per_s": done / seconds}
 
 
-def bench_transform(size, n=16):
-    """ms per image of the training transform (resize, Cutout, RandAugment, to tensor) on one core."""
-    images, _ = demo_split(n, 0, max(size, 500))
-    transform = image_transform(size, train=True)
-    t0 = time.perf_counter()
-    for im in images:
-        transform(im)
-    return 1000 * (time.perf_counter() - t0) / n
+def bench_pipelines(size, n=16):
+    """Images per second on one core of each input pipeline (decode a VOC-sized 500 x 375 JPEG file, resize to
+    `size`, and for training Cutout + the authors' RandAugment, then normalise): PIL images vs uint8 tensors."""
+    from clipmlr.data import read_tensor
+    images, _ = demo_split(n, 0, 500)
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i, im in enumerate(images):
+            paths.append(os.path.join(folder, f"{i}.jpg"))
+            im.crop((0, 0, 500, 375)).save(paths[-1], quality=90)
+        for pipeline, read in (("pil", read_image), ("tensor", read_tensor)):
+            for train in (False, True):
+                transform = image_transform(size, train, pipeline=pipeline)
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                for p in paths:
+                    transform(read(p))
+                out[f"{pipeline}_{'augmented' if train else 'plain'}"] = n / (time.perf_counter() - t0)
+    out["transform_ms_per_image"] = 1000 / out["pil_augmented"]  # what the projection spreads over workers
+    return out
 
 
 def projection(img_s, step_cached_ms, step_loop_ms, views, batch, transform_ms, workers):
@@ -316,7 +330,7 @@ def main(argv=None):
         ("text_encoder", lambda: bench_text_encoder(model, COCO_CLASSES, 16, text_reps, device)),
         ("train_step", lambda: bench_train_steps(model, VOC_CLASSES, 448, step_batch, step_reps, device)),
         ("demo_epoch", lambda: bench_demo_epoch(*demo[:3], demo[3], args.workers, device, demo[4])),
-        ("transform_ms_per_image", lambda: bench_transform(448)),
+        ("pipelines", lambda: bench_pipelines(448)),
         ("decode_check", bench_decode_check),
         ("predict", lambda: bench_predict(model, 224 if small else 448, 64 if small or gpu else 16,
                                           32 if gpu else 8, args.workers, device)),
@@ -333,7 +347,7 @@ def main(argv=None):
         steps = results["train_step"]["positive"]
         results["voc_projection"] = projection(results["image_encoder"]["images_per_s"], steps["ms_cached"],
                                                steps["ms_in_loop"], args.views, step_batch,
-                                               results["transform_ms_per_image"], os.cpu_count() or 1)
+                                               results["pipelines"]["transform_ms_per_image"], os.cpu_count() or 1)
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:
@@ -368,7 +382,11 @@ def print_table(r):
         (f"demo cache build ({demo['views']} views) / reopen",
          f"{demo['s_build']:.2f} / {demo['s_open_cache']:.3f} s",
          f"peak {peak['demo_epoch']:.0f} MB"),
-        ("training transform at 448 px (one core)", f"{r['transform_ms_per_image']:.1f} ms/image", ""),
+        ("input pipeline, 500x375 JPEG -> 448 px, one core: PIL plain / augmented",
+         f"{r['pipelines']['pil_plain']:.0f} / {r['pipelines']['pil_augmented']:.0f} images/s", "decode included"),
+        ("input pipeline, same, uint8 tensors (--pipeline tensor): plain / augmented",
+         f"{r['pipelines']['tensor_plain']:.0f} / {r['pipelines']['tensor_augmented']:.0f} images/s",
+         "torchvision.io decode, tensor kernels"),
         ("decoding check, 640x480 JPEG (one core): check / full decode",
          f"{r['decode_check']['ms_per_image']:.2f} / {r['decode_check']['ms_full_decode']:.2f} ms",
          f"COCO2014's {COCO_IMAGES:,} images: {r['decode_check']['coco_seconds']:.0f} s on "

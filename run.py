@@ -117,8 +117,9 @@ def run(args):
         trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
 
     # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment)
-    train_set = ImageDataset(train, mask_y, image_transform(args.image_size, args.augment, args.randaugment))
-    test_set = ImageDataset(test, test_y, image_transform(args.image_size, train=False))
+    train_set = ImageDataset(train, mask_y, image_transform(args.image_size, args.augment, args.randaugment,
+                                                            args.pipeline))
+    test_set = ImageDataset(test, test_y, image_transform(args.image_size, False, pipeline=args.pipeline))
     workers = args.workers
     if args.cache_features:  # [layer: cache] every image encoded once (training images in V augmented views)
         views = args.cache_views if args.augment else 1

@@ -2781,3 +2781,48 @@ def test_authors_geometric_operations_match_the_packages_pil_formulas():
         rot = image.convert("RGBA").rotate(30 * level / 9)
         want = np.asarray(Image.composite(rot, Image.new("RGBA", rot.size, (128,) * 4), rot).convert("RGB"))
         assert np.abs(got.astype(int) - want).max() <= 1, level
+
+
+def test_tensor_pipeline_draws_the_same_policy_and_is_deterministic(tmp_path, monkeypatch):
+    """--pipeline tensor: uint8 tensors decoded by torchvision.io, the same random draws as the PIL pipeline
+    under the same seed (operations, levels, Cutout), images of the right shape, dtype and range."""
+    from clipmlr import augment
+    from clipmlr.data import read_tensor
+    path = str(tmp_path / "x.jpg")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(path, quality=95)
+    calls = {"pil": [], "tensor": []}
+    real = augment.apply_authors_op
+    for pipeline in ("pil", "tensor"):
+        transform = image_transform(64, True, pipeline=pipeline)
+        read = read_tensor if pipeline == "tensor" else lambda p: Image.open(p).convert("RGB")
+
+        def recording(image, op, level, pipeline=pipeline):
+            calls[pipeline].append((op, level, type(image).__name__))
+            return real(image, op, level)
+        monkeypatch.setattr(augment, "apply_authors_op", recording)
+        outputs = []
+        for j in range(40):
+            with augment.seeded(j):
+                outputs.append(transform(read(path)))
+        assert all(x.shape == (3, 64, 64) and x.dtype == torch.float32 for x in outputs)
+        lo = (0 - max(augment.MEAN)) / min(augment.STD)
+        hi = (1 - min(augment.MEAN)) / min(augment.STD)
+        assert all(lo - 1e-4 <= x.min() and x.max() <= hi + 1e-4 for x in outputs)
+        with augment.seeded(7):
+            assert torch.equal(transform(read(path)), outputs[7])  # deterministic under the same seed
+    assert [c[:2] for c in calls["pil"]] == [c[:2] for c in calls["tensor"]] and len(calls["pil"]) > 20
+    assert {c[2] for c in calls["tensor"]} == {"Tensor"} and {c[2] for c in calls["pil"]} == {"Image"}
+
+
+def test_tensor_pipeline_trains_the_same_with_any_workers(tmp_path):
+    _, argv = _tiny_voc_run(tmp_path, "--no-cache-features", "--pipeline", "tensor", "--epochs", "2")
+    losses = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        argv[argv.index("--out") + 1] = str(out)
+        assert run.main([*argv, "--workers", workers]) == 0
+        result = _strict_json(out / "results.json")
+        assert result["settings"]["pipeline"] == "tensor"
+        losses.append([h["loss"] for h in result["history"]] + [result["map"]])
+    assert losses[0] == losses[1]

@@ -26,12 +26,18 @@ class Cutout:
         self.factor = factor
 
     def __call__(self, image):
-        w, h = image.size
+        """A PIL image, or a uint8 (3, H, W) tensor: the same random draws, the same square and colour."""
+        w, h = TF.get_image_size(image)
         side_w, side_h = int(w * self.factor), int(h * self.factor)
         x, y = random.randint(0, w - 1), random.randint(0, h - 1)
         box = (max(0, x - side_w // 2), max(0, y - side_h // 2), min(w, x + side_w // 2), min(h, y + side_h // 2))
+        colour = tuple(random.randint(0, 255) for _ in range(3))
+        if isinstance(image, torch.Tensor):  # PIL's rectangle includes its far edges
+            image = image.clone()
+            image[:, box[1]:box[3] + 1, box[0]:box[2] + 1] = torch.tensor(colour, dtype=image.dtype)[:, None, None]
+            return image
         image = image.copy()
-        ImageDraw.Draw(image).rectangle(box, fill=tuple(random.randint(0, 255) for _ in range(3)))
+        ImageDraw.Draw(image).rectangle(box, fill=colour)
         return image
 
 
@@ -118,13 +124,34 @@ class AuthorsRandAugment:
 RANDAUGMENT = {"authors": AuthorsRandAugment, "torchvision": T.RandAugment}
 
 
-def image_transform(size, train, randaugment="authors"):
+class ToUint8:
+    """A PIL image (converted) or a uint8 (3, H, W) tensor (passed through) -> a uint8 (3, H, W) tensor."""
+
+    def __call__(self, image):
+        return image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image.convert("RGB"))
+
+    def __repr__(self):
+        return "ToUint8()"
+
+
+class TensorPipeline(T.Compose):
+    """The same steps on uint8 (3, H, W) tensors instead of PIL images (PIL input is converted first): images
+    are decoded straight into tensors (torchvision.io), and every operation is torchvision's tensor kernel, the
+    form that also runs on a GPU. The policy and its random draws are the PIL pipeline's; pixel values differ
+    slightly (antialiased tensor resize, bilinear shears)."""
+
+    reads_tensors = True  # ImageDataset decodes paths with data.read_tensor for it
+
+
+def image_transform(size, train, randaugment="authors", pipeline="pil"):
     """Plain resize to size × size; for training Cutout, then RandAugment: the authors' policy by default, or
-    torchvision's (`randaugment="torchvision"`)."""
+    torchvision's (`randaugment="torchvision"`). `pipeline="tensor"`: the same on uint8 tensors."""
+    augment = [Cutout(0.5), RANDAUGMENT[randaugment]()] if train else []
+    if pipeline == "tensor":
+        return TensorPipeline([ToUint8(), T.Resize((size, size), antialias=True), *augment,
+                               T.ConvertImageDtype(torch.float32), T.Normalize(MEAN, STD)])
     steps = [T.Resize((size, size))]  # bilinear, as the reference code
-    if train:
-        steps += [Cutout(0.5), RANDAUGMENT[randaugment]()]
-    return T.Compose(steps + [T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose(steps + augment + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 class SeededViews(torch.utils.data.Dataset):

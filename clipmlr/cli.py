@@ -78,6 +78,9 @@ def parse_args(argv=None, prog=None):
                    "its own (as the paper's Sec. 3.1 reads)")
     p.add_argument("--no-residual", action="store_true", help="PositiveCoOp / NegativeCoOp without the learned "
                    "residual on the prompt's text feature (the authors' code has it; the paper does not describe it)")
+    p.add_argument("--pipeline", choices=["pil", "tensor"], default="pil", help="image pipeline: PIL images "
+                   "(as the authors') or uint8 tensors decoded by torchvision.io, the same policy with tensor "
+                   "kernels")
     p.add_argument("--randaugment", choices=["authors", "torchvision"], default="authors",
                    help="RandAugment policy: the authors' (2 of 15 operations, each p=0.5, magnitude 1-9 drawn each "
                    "time) or torchvision's (2 of 14, always applied, fixed magnitude 9)")
@@ -149,7 +152,7 @@ def settings_of(args):
     """What a run's numbers depend on: saved with it, and compared on --resume (and by the sweep)."""
     keys = ["head", "data", "labels", "seed", "clip", "image_size", "epochs", "batch_size", "lr_prompt",
             "lr_embedding", "lr_linear", "momentum", "weight_decay", "loss_weight", "warmup_epochs", "warmup_lr",
-            "n_ctx", "shared_context", "absence_weights", "no_residual", "randaugment", "voc_difficult", "augment",
+            "n_ctx", "shared_context", "absence_weights", "no_residual", "randaugment", "pipeline", "voc_difficult", "augment",
             "cache_features", "cache_views", "demo_images"]
     return {k: getattr(args, k) for k in keys}
 
