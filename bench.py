@@ -253,7 +253,7 @@ def bench_predict(model, size, n, batch, workers, device):
 def bench_pipelines(size, n=16):
     """Images per second on one core of each input pipeline (decode a VOC-sized 500 x 375 JPEG file, resize to
     `size`, and for training Cutout + the authors' RandAugment, then normalise): PIL images vs uint8 tensors."""
-    from clipmlr.data import read_tensor
+    from clipmlr.augment import read_tensor
     images, _ = demo_split(n, 0, 500)
     out = {}
     with tempfile.TemporaryDirectory() as folder:

@@ -211,8 +211,7 @@ def run(args):
     evaluated = [h for h in history if "map" in h]
     if len(evaluated) > 1:  # the authors keep their best epoch on the test set: for comparison with their tables
         best = max(evaluated, key=lambda h: h["map"])
-        results["best_epoch_selected_on_test"] = {"map": best["map"], "epoch": best["epoch"], "note": "chosen "
-                                                  "on the test set; not the result (that is map, the last epoch)"}
+        results["best_epoch_selected_on_test"] = {**best, "note": "chosen on the test set: not the result (map)"}
     if rank == 0:  # head.pt describes itself: `python -m clipmlr.predict` rebuilds the head from it alone
         checkpoint.save_atomic({"state_dict": head.state_dict(), "head": args.head, "classnames": classnames,
                                 "n_ctx": args.n_ctx, "shared_context": args.shared_context,

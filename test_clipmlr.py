@@ -2787,7 +2787,7 @@ def test_tensor_pipeline_draws_the_same_policy_and_is_deterministic(tmp_path, mo
     """--pipeline tensor: uint8 tensors decoded by torchvision.io, the same random draws as the PIL pipeline
     under the same seed (operations, levels, Cutout), images of the right shape, dtype and range."""
     from clipmlr import augment
-    from clipmlr.data import read_tensor
+    from clipmlr.augment import read_tensor
     path = str(tmp_path / "x.jpg")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(path, quality=95)

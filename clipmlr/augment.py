@@ -11,9 +11,12 @@ import math
 import random
 
 import torch
+import torchvision
 from PIL import ImageDraw
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
+
+from .data import DataError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's preprocessing statistics
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -124,10 +127,21 @@ class AuthorsRandAugment:
 RANDAUGMENT = {"authors": AuthorsRandAugment, "torchvision": T.RandAugment}
 
 
+def read_tensor(path):
+    """The image at `path` decoded straight into a uint8 (3, H, W) RGB tensor (torchvision.io: libjpeg-turbo,
+    libpng); DataError naming the file when it does not decode."""
+    try:
+        return torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise DataError(f"cannot read the image {path}: {e}") from None
+
+
 class ToUint8:
-    """A PIL image (converted) or a uint8 (3, H, W) tensor (passed through) -> a uint8 (3, H, W) tensor."""
+    """A path (decoded by read_tensor), a PIL image (converted) or a uint8 (3, H, W) tensor -> uint8 tensor."""
 
     def __call__(self, image):
+        if isinstance(image, str):
+            return read_tensor(image)
         return image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image.convert("RGB"))
 
     def __repr__(self):
@@ -140,7 +154,7 @@ class TensorPipeline(T.Compose):
     form that also runs on a GPU. The policy and its random draws are the PIL pipeline's; pixel values differ
     slightly (antialiased tensor resize, bilinear shears)."""
 
-    reads_tensors = True  # ImageDataset decodes paths with data.read_tensor for it
+    reads_paths = True  # ImageDataset hands it paths: ToUint8 decodes them into tensors
 
 
 def image_transform(size, train, randaugment="authors", pipeline="pil"):

@@ -13,7 +13,6 @@ import os
 import xml.etree.ElementTree as ET
 
 import torch
-import torchvision
 from PIL import Image
 from tqdm import tqdm
 
@@ -154,15 +153,6 @@ def read_image(path, draft=False):
         raise DataError(f"cannot read the image {path}: {e}") from None
 
 
-def read_tensor(path):
-    """The image at `path` decoded straight into a uint8 (3, H, W) RGB tensor (torchvision.io: libjpeg-turbo,
-    libpng); DataError naming the file when it does not decode."""
-    try:
-        return torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise DataError(f"cannot read the image {path}: {e}") from None
-
-
 class Decodes(torch.utils.data.Dataset):
     """Item i = '' if image i decodes, else the error naming it (errors are collected, not raised, in workers)."""
 
@@ -205,6 +195,6 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image = self.images[i]  # a path, or a PIL image (the demo's)
-        if isinstance(image, str):
-            image = read_tensor(image) if getattr(self.transform, "reads_tensors", False) else read_image(image)
+        if isinstance(image, str) and not getattr(self.transform, "reads_paths", False):
+            image = read_image(image)
         return self.transform(image), self.labels[i], i
