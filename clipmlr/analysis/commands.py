@@ -190,15 +190,6 @@ def cmd_negation(opts, extras):
 
 # ---------------------------------------------------------------------------------------------------- maps
 
-def settings_argv(settings):
-    """run.py options that rebuild the CLIP, data and head a run was trained with (from its results.json)."""
-    argv = []
-    for key in ("data", "clip", "image_size", "demo_images", "n_ctx"):
-        if settings.get(key) is not None:
-            argv += ["--" + key.replace("_", "-"), str(settings[key])]
-    return argv + (["--shared-context"] if settings.get("shared_context") else [])
-
-
 def pick_image(opts, test, test_y, classnames):
     """(RGB image, its present class names, a label for the file name): --image, or test image --index."""
     if opts.image:
@@ -229,7 +220,8 @@ def cmd_maps(opts, extras):
                                 f"--out folder of a completed `python run.py ...`")
         with open(path) as f:
             settings = json.load(f)["settings"]
-        extras = settings_argv(settings) + extras
+        keep = ("data", "clip", "image_size", "demo_images")  # what rebuilds the run's data and CLIP
+        extras = cli.settings_argv({k: settings.get(k) for k in keep}) + extras
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis maps")
     out = opts.out or os.path.join("runs", "analysis", "maps")
     check_folders(out, args)

@@ -98,28 +98,33 @@ def run_sweep(heads, proportions, seeds, run_argv, out, script=None, protocol="c
             for seed in seeds:
                 folder = run_folder(out, base.data, head, labels, seed)
                 argv = run_argv + ["--head", head, "--labels", str(labels), "--seed", str(seed), "--out", folder]
-                wanted = settings_of(parse_args(argv))
-                done = os.path.join(folder, "results.json")
-                if os.path.isfile(done):
-                    with open(done) as f:
-                        result = json.load(f)
-                    diff = settings_mismatch(result["settings"], wanted)
-                    if diff:
-                        raise SweepError(f"{folder} holds a run with other settings ({diff}); give the sweep "
-                                         f"another --out, or delete that folder to train it again")
-                    print(f"sweep: {folder} is done, skipped")
-                    results.append(result)
-                    continue
-                if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
-                    argv.append("--resume")  # interrupted earlier: continue where it stopped
-                print(f"sweep: training {head}, labels {labels:g}, seed {seed} -> {folder}", flush=True)
-                code = train(script, argv)
-                if code != 0:
-                    raise SweepError(f"the run in {folder} stopped (exit code {code}); the finished runs are kept, "
-                                     f"so run the same sweep command again to continue once the problem is fixed")
-                with open(done) as f:
-                    results.append(json.load(f))
+                results.append(train_or_reuse(script, argv, folder,
+                                              f"sweep: training {head}, labels {labels:g}, seed {seed}"))
     return results
+
+
+def train_or_reuse(script, argv, folder, what):
+    """The results of `python run.py ARGV` into `folder`: read back if it finished earlier with the same settings
+    (other settings are refused), resumed if it was interrupted, else trained now. `what` names it in the output."""
+    done = os.path.join(folder, "results.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            result = json.load(f)
+        diff = settings_mismatch(result["settings"], settings_of(parse_args(argv)))
+        if diff:
+            raise SweepError(f"{folder} holds a run with other settings ({diff}); give another --out, or delete "
+                             f"that folder to train it again")
+        print(f"{what.split(':')[0]}: {folder} is done, skipped")
+        return result
+    if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
+        argv = argv + ["--resume"]  # interrupted earlier: continue where it stopped
+    print(f"{what} -> {folder}", flush=True)
+    code = train(script, argv)
+    if code != 0:
+        raise SweepError(f"the run in {folder} stopped (exit code {code}); the finished runs are kept, so run the "
+                         f"same command again to continue once the problem is fixed")
+    with open(done) as f:
+        return json.load(f)
 
 
 def summarise(results):

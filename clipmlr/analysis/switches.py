@@ -5,11 +5,9 @@ follow the authors' code), each in a process of its own (see sweep.train), and r
 defaults'. On the demo's random miniature CLIP the numbers only show which choices move the result there; they
 say nothing about the paper.
 """
-import json
 import os
 
-from ..checkpoint import settings_mismatch
-from ..cli import parse_args, settings_of
+from ..cli import parse_args
 from . import sweep
 
 SWITCHES = [  # (what the row changes, run.py options); the first row is the defaults
@@ -42,21 +40,8 @@ def run_switches(run_argv, out, script=None):
             rows.append((what, " ".join(options), None))
             continue
         folder = os.path.join(out, f"{i}-" + ("defaults" if not options else options[0].lstrip("-")))
-        argv = list(run_argv) + options + ["--out", folder]
-        done = os.path.join(folder, "results.json")
-        if os.path.isfile(done):
-            with open(done) as f:
-                result = json.load(f)
-            if settings_mismatch(result["settings"], settings_of(parse_args(argv))):
-                raise sweep.SweepError(f"{folder} holds a run with other settings; give another --out")
-        else:
-            if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
-                argv.append("--resume")
-            print(f"switches: {what} -> {folder}", flush=True)
-            if sweep.train(script, argv) != 0:
-                raise sweep.SweepError(f"the run in {folder} stopped; run the same command again to continue")
-            with open(done) as f:
-                result = json.load(f)
+        result = sweep.train_or_reuse(script, list(run_argv) + options + ["--out", folder], folder,
+                                      f"switches: {what}")
         rows.append((what, " ".join(options) or "(none)", result))
     return rows
 
