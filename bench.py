@@ -12,10 +12,14 @@ speed does not depend on them):
   3. one training step (forward, asymmetric loss, backward, SGD) of every head, on cached features vs with the
      image encoder in the loop (images already decoded and augmented; the encoder's forward is what differs)
   4. one epoch of the demo (`run.py --data demo`'s loop, PositiveCoOp), encoder in the loop vs cached features
-  5. the input pipelines, PIL vs uint8 tensors (--pipeline), images/s on one core, decoding included
+  5. the input pipelines, PIL vs uint8 tensors (--pipeline), images/s on one core, decoding included; and
+     --pipeline device on the bench's device (the GPU's input path): a batch of JPEG bytes decoded, resized,
+     augmented and normalised there, beside the encoder's images/s
   6. predict (`python -m clipmlr.predict`): images/s over a folder of demo images
-  7. peak memory; with RN101, the projected time of the paper's VOC2007 run (50 epochs of PositiveCoOp on
-     5,011 trainval images, 4,952 test images encoded once), with and without the feature cache (K views)
+  7. peak memory; with RN101, the projected hours of the paper's VOC2007 and COCO2014 runs (50 epochs of
+     PositiveCoOp; the test split encoded once), with the encoder in the loop and with the feature cache (K views),
+     from the rates measured above: on a GPU the device pipeline's, in the training process; on a CPU the PIL
+     pipeline's per-core rate times run.py's default workers, beside the encoder
 On CUDA the image encoder runs under bf16 autocast with channels_last, as run.py does; the train
 step is also timed with the head under bf16 autocast. Without --quick, a CPU run takes a few minutes.
 """
@@ -32,7 +36,7 @@ from PIL import Image
 
 from clipmlr.analysis.templates import COCO_CLASSES
 from clipmlr.cache import encode_split, weights_fingerprint
-from clipmlr.cli import encoder
+from clipmlr.cli import default_workers as cli_workers, encoder
 from clipmlr.clip.model import CLIP
 from clipmlr.augment import image_transform
 from clipmlr.data import VOC_CLASSES, ImageDataset, check_decodable, read_image
@@ -41,7 +45,6 @@ from clipmlr.heads import HEADS, Prompts, build_head, parameter_groups
 from clipmlr.loss import asymmetric_loss
 from clipmlr.metrics import mean_average_precision
 
-VOC_RUN = {"train": 5011, "test": 4952, "epochs": 50}  # the paper's VOC2007 protocol (trainval, test)
 COCO_IMAGES = 82_081 + 40_137  # train2014 + val2014 images with at least one object (what run.py reads)
 
 
@@ -116,8 +119,9 @@ def bench_text_encoder(model, classnames, n_ctx, reps, device):
             "max_rel_diff": ((full - true).abs().max() / full.abs().max()).item()}
 
 
-def bench_train_steps(model, classnames, size, batch, reps, device):
-    """ms per training step of every head: cached (B, L, D) fp16 features vs (B, 3, S, S) images + encoder."""
+def bench_train_steps(model, classnames, size, batch, reps, device, heads=None, in_loop=True):
+    """ms per training step of every head (or `heads`): cached (B, L, D) fp16 features vs (B, 3, S, S) images +
+    encoder (not timed when `in_loop` is False)."""
     images = torch.randn(batch, 3, size, size)
     encode = encoder(model, device)
     with torch.inference_mode():
@@ -127,7 +131,7 @@ def bench_train_steps(model, classnames, size, batch, reps, device):
         images, cached = images.pin_memory(), cached.pin_memory()
     targets = torch.randint(-1, 2, (batch, len(classnames)), device=device)
     out = {}
-    for name in sorted(HEADS):
+    for name in heads or sorted(HEADS):
         torch.manual_seed(0)
         head = build_head(name, model, classnames)
         optimizer = torch.optim.SGD(parameter_groups(head, 0.002, 1.0, 0.01), momentum=0.9)
@@ -140,10 +144,11 @@ def bench_train_steps(model, classnames, size, batch, reps, device):
             loss.backward()
             optimizer.step()
 
-        def in_loop():
+        def one_in_loop():
             step(encode(images))
-        out[name] = {"ms_cached": timed(lambda: step(cached.to(device, non_blocking=True).float()), device, reps),
-                     "ms_in_loop": timed(in_loop, device, max(1, reps // 3), warmup=0)}  # encoder warmed up
+        out[name] = {"ms_cached": timed(lambda: step(cached.to(device, non_blocking=True).float()), device, reps)}
+        if in_loop:
+            out[name]["ms_in_loop"] = timed(one_in_loop, device, max(1, reps // 3), warmup=0)  # encoder warmed up
         if device.type == "cuda":  # the head's forward (text encoder included) under bf16 autocast too
             out[name]["ms_cached_bf16"] = timed(lambda: step(cached.to(device, non_blocking=True).float(), True),
                                                 device, reps)
@@ -250,20 +255,26 @@ def bench_predict(model, size, n, batch, workers, device):
     return {"images": done, "size": size, "batch": batch, "workers": workers, "images_per_s": done / seconds}
 
 
+def voc_sized_jpegs(folder, n):
+    """n JPEG files of VOC's typical size (500 x 375, quality 90) of the demo's shapes; their paths."""
+    images, _ = demo_split(n, 0, 500)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(os.path.join(folder, f"{i}.jpg"))
+        im.crop((0, 0, 500, 375)).save(paths[-1], quality=90)
+    return paths
+
+
 def bench_pipelines(size, n=16):
     """Images per second on one core of each input pipeline (decode a VOC-sized 500 x 375 JPEG file, resize to
     `size`, and for training Cutout + the authors' RandAugment, then normalise): PIL images vs uint8 tensors."""
-    from clipmlr.augment import read_tensor
-    images, _ = demo_split(n, 0, 500)
+    from clipmlr.pipelines import image_pipeline, read_tensor
     out = {}
     with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for i, im in enumerate(images):
-            paths.append(os.path.join(folder, f"{i}.jpg"))
-            im.crop((0, 0, 500, 375)).save(paths[-1], quality=90)
+        paths = voc_sized_jpegs(folder, n)
         for pipeline, read in (("pil", read_image), ("tensor", read_tensor)):
             for train in (False, True):
-                transform = image_transform(size, train, pipeline=pipeline)
+                transform = image_pipeline(size, train, pipeline=pipeline)
                 torch.manual_seed(0)
                 t0 = time.perf_counter()
                 for p in paths:
@@ -273,17 +284,50 @@ def bench_pipelines(size, n=16):
     return out
 
 
-def projection(img_s, step_cached_ms, step_loop_ms, views, batch, transform_ms, workers):
-    """Projected hours of the paper's VOC2007 run: the measured encoder and step times (`hours_*`), and apart
-    from them the CPU time of the training transform spread over `workers` (`loader_hours_*`; JPEG decoding
-    not counted). The test split is encoded once either way, as run.py does."""
-    steps = VOC_RUN["epochs"] * math.ceil(VOC_RUN["train"] / batch)
-    uncached = VOC_RUN["test"] / img_s + steps * step_loop_ms / 1000
-    cached = (views * VOC_RUN["train"] + VOC_RUN["test"]) / img_s + steps * step_cached_ms / 1000
-    loader = transform_ms / 1000 / workers * VOC_RUN["train"] / 3600
-    return {"hours_uncached": uncached / 3600, "hours_cached": cached / 3600, "views": views, "batch": batch,
-            "loader_hours_uncached": VOC_RUN["epochs"] * loader, "loader_hours_cached": views * loader,
-            "workers": workers}
+def bench_device_pipeline(size, device, batch, reps=3):
+    """Images per second of --pipeline device on `device`, as run.py's training process runs it: a batch of
+    VOC-sized JPEGs (already read as bytes by the workers) decoded in one call (nvJPEG on CUDA), resized,
+    augmented (each image its own draws, seeded as in training) and normalised there. Plain and augmented."""
+    from clipmlr.augment import SeededViews
+    from clipmlr.pipelines import collate, image_pipeline
+    out = {"batch": batch, "device": str(device)}
+    with tempfile.TemporaryDirectory() as folder:
+        paths = voc_sized_jpegs(folder, batch)
+        for train in (False, True):
+            data = SeededViews(ImageDataset(paths, torch.zeros(batch, 1), image_pipeline(size, train,
+                                                                                        pipeline="device")), reps + 1)
+            batches = iter([collate([data[j] for j in range(v * batch, (v + 1) * batch)]) for v in range(reps + 1)])
+            ms = timed(lambda: next(batches)[0].to(device), device, reps)  # a fresh view each time
+            out["augmented" if train else "plain"] = batch / ms * 1000
+    return out
+
+
+VOC_COCO = {"VOC2007": (5011, 4952), "COCO2014": (82_081, 40_137)}  # training and test images run.py reads
+
+
+def projections(encoder_img_s, loader, steps_ms, views, batch, serial, epochs=50):
+    """Projected hours of the paper's runs (50 epochs of PositiveCoOp) from measured rates, with the encoder in
+    the loop (a fresh augmentation every epoch) and with the feature cache (K views encoded once).
+
+    `loader`: images/s of the input pipeline, {"plain", "augmented"}; `steps_ms[data]`: ms of one training step
+    with the encoder in the loop ("in_loop") and on cached features ("cached"). `serial`: the pipeline runs in
+    the training process (--pipeline device), so its time adds to the step's; otherwise it runs in workers beside
+    it and the slower of the two sets the pace. The test split is encoded once either way.
+    """
+    def pace(*seconds):
+        return sum(seconds) if serial else max(seconds)
+    out = {}
+    for data, (n_train, n_test) in VOC_COCO.items():
+        steps = epochs * math.ceil(n_train / batch)
+        test = n_test * pace(1 / encoder_img_s, 1 / loader["plain"])
+        step = steps_ms[data]
+        out[data] = {
+            "hours_uncached": (steps * pace(step["in_loop"] / 1000, batch / loader["augmented"]) + test) / 3600,
+            "hours_cached": (views * n_train * pace(1 / encoder_img_s, 1 / loader["augmented"]) + test
+                             + steps * step["cached"] / 1000) / 3600,
+            "loader_bound_uncached": batch / loader["augmented"] > step["in_loop"] / 1000}
+    return {"runs": out, "views": views, "batch": batch, "serial": serial, "loader": loader,
+            "encoder_images_per_s": encoder_img_s}
 
 
 def parse_args(argv=None):
@@ -331,6 +375,7 @@ def main(argv=None):
         ("train_step", lambda: bench_train_steps(model, VOC_CLASSES, 448, step_batch, step_reps, device)),
         ("demo_epoch", lambda: bench_demo_epoch(*demo[:3], demo[3], args.workers, device, demo[4])),
         ("pipelines", lambda: bench_pipelines(448)),
+        ("device_pipeline", lambda: bench_device_pipeline(448, device, 32 if gpu else 8)),
         ("decode_check", bench_decode_check),
         ("predict", lambda: bench_predict(model, 224 if small else 448, 64 if small or gpu else 16,
                                           32 if gpu else 8, args.workers, device)),
@@ -343,11 +388,21 @@ def main(argv=None):
         results["peak_mb"][section] = peak_memory_mb(device)
         results["seconds"][section] = time.perf_counter() - t0
         print(f"  {section}: {results['seconds'][section]:.1f} s", flush=True)
-    if not small:
-        steps = results["train_step"]["positive"]
-        results["voc_projection"] = projection(results["image_encoder"]["images_per_s"], steps["ms_cached"],
-                                               steps["ms_in_loop"], args.views, step_batch,
-                                               results["pipelines"]["transform_ms_per_image"], os.cpu_count() or 1)
+    if not small:  # the paper's runs, projected from the rates measured above
+        t0 = time.perf_counter()
+        voc = results["train_step"]["positive"]
+        coco = bench_train_steps(model, COCO_CLASSES, 448, step_batch, step_reps, device, ["positive"], False)
+        results["coco_step_ms_cached"] = coco["positive"]["ms_cached"]  # 80 prompts instead of 20
+        steps_ms = {"VOC2007": {"in_loop": voc["ms_in_loop"], "cached": voc["ms_cached"]},
+                    "COCO2014": {"in_loop": voc["ms_in_loop"] - voc["ms_cached"] + coco["positive"]["ms_cached"],
+                                 "cached": coco["positive"]["ms_cached"]}}
+        workers = cli_workers()
+        loader = ({k: results["device_pipeline"][k] for k in ("plain", "augmented")} if gpu else
+                  {k: results["pipelines"][f"pil_{k}"] * workers for k in ("plain", "augmented")})
+        results["projection"] = projections(results["image_encoder"]["images_per_s"], loader, steps_ms,
+                                            args.views, step_batch, serial=gpu)
+        results["projection"]["pipeline"] = "device (GPU)" if gpu else f"pil on {workers} workers"
+        results["seconds"]["projection"] = time.perf_counter() - t0
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:
@@ -396,14 +451,18 @@ def print_table(r):
          f"{r['predict']['images_per_s']:.1f} images/s", f"{r['predict']['workers']} workers, peak "
                                                          f"{peak['predict']:.0f} MB"),
     ]
-    if "voc_projection" in r:
-        v = r["voc_projection"]
-        rows.append((f"VOC2007 50 epochs PositiveCoOp (batch {v['batch']}): no cache / cache K={v['views']}",
-                     f"{v['hours_uncached']:.2f} / {v['hours_cached']:.2f} h",
-                     f"{v['hours_uncached'] / v['hours_cached']:.1f}x (encoder and steps)"))
-        rows.append((f"  + training transform on {v['workers']} workers: no cache / cache",
-                     f"{v['loader_hours_uncached']:.2f} / {v['loader_hours_cached']:.2f} h",
-                     "runs beside the encoder and steps if workers keep up"))
+    d = r["device_pipeline"]
+    rows.append((f"--pipeline device on {d['device']}, batch {d['batch']}: plain / augmented",
+                 f"{d['plain']:.0f} / {d['augmented']:.0f} images/s",
+                 f"encoder alone {image['images_per_s']:.0f} images/s: the pipeline is "
+                 f"{d['augmented'] / image['images_per_s']:.2g}x the encoder's rate"))
+    if "projection" in r:
+        v = r["projection"]
+        for data, p in v["runs"].items():
+            rows.append((f"{data}, 50 epochs PositiveCoOp (batch {v['batch']}): no cache / cache K={v['views']}",
+                         f"{p['hours_uncached']:.2f} / {p['hours_cached']:.2f} h",
+                         f"input: {v['pipeline']}; no cache is {'loader' if p['loader_bound_uncached'] else 'encoder'}"
+                         f"-bound"))
     width = max(len(row[0]) for row in rows)
     memory = "peak GPU memory allocated in the section" if r["gpu"] else "peak resident memory of the process so far"
     print(f"\n{r['model']} on {r['gpu'] or r['device']}; peak = {memory}\n")

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clipmlr.augment import EpochSampler, SeededViews, image_transform
+from clipmlr.augment import EpochSampler, SeededViews
 from clipmlr.data import ImageDataset, check_decodable, mask_labels
 from clipmlr.heads import build_head, count_trainable, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
 from clipmlr.metrics import average_precision, margins_of
-from clipmlr import cache, checkpoint, cli, distributed  # the layers
+from clipmlr import cache, checkpoint, cli, distributed, pipelines  # the layers
 
 
 def lr_factor(epoch, args):
@@ -46,7 +46,7 @@ def evaluate(head, test_set, features_of, batch_size, workers):
     """
     shard = distributed.shard(len(test_set))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, shard.tolist()), batch_size=batch_size,
-                                         num_workers=workers)
+                                         num_workers=workers, collate_fn=pipelines.collate)
     margins = margins_of(head, loader, features_of).reshape(len(shard), len(test_set.labels[0]))  # (shard, C)
     return distributed.gather_rows((shard, margins), len(test_set))
 
@@ -93,6 +93,7 @@ def run(args):
     model.visual.to(memory_format=memory_format)
 
     def encode(images):  # no graph through the frozen encoder; bf16 on CUDA, features back in fp32
+        # (with --pipeline device, `images` is a RawBatch of file bytes: .to() decodes and augments on the device)
         with torch.no_grad(), autocast:
             return model.encode_dense(images.to(device, non_blocking=True, memory_format=memory_format)).float()
 
@@ -116,10 +117,11 @@ def run(args):
     if world > 1:  # [layer: torchrun] gradients averaged over ranks; the loss is scaled below to keep the sum
         trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment)
-    train_set = ImageDataset(train, mask_y, image_transform(args.image_size, args.augment, args.randaugment,
-                                                            args.pipeline))
-    test_set = ImageDataset(test, test_y, image_transform(args.image_size, False, pipeline=args.pipeline))
+    # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment: augment.image_transform)
+    # [layer: input pipeline] on PIL images in the workers (the authors'), on tensors there, or on the device
+    train_set = ImageDataset(train, mask_y, pipelines.image_pipeline(args.image_size, args.augment, args.randaugment,
+                                                                     args.pipeline))
+    test_set = ImageDataset(test, test_y, pipelines.image_pipeline(args.image_size, False, pipeline=args.pipeline))
     workers = args.workers
     if args.cache_features:  # [layer: cache] every image encoded once (training images in V augmented views)
         views = args.cache_views if args.augment else 1
@@ -155,7 +157,7 @@ def run(args):
         train_set, order = SeededViews(train_set, args.epochs), EpochSampler(order, len(train_set))
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=order,
                                          num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", collate_fn=pipelines.collate)
     ap = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()

@@ -2018,11 +2018,12 @@ def _tiny_voc_run(tmp_path, *extra):
     return voc, argv
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_unreadable_image_is_one_line_before_the_first_epoch(tmp_path, cached):
-    """With worker processes (the default 2), a truncated test image stops the run before training starts,
-    with one line naming it, exit status 2, and no run folder."""
-    voc, argv = _tiny_voc_run(tmp_path, "--cache-features" if cached else "--no-cache-features", "--workers", "2")
+@pytest.mark.parametrize("cached,pipeline", [(False, "pil"), (True, "pil"), (True, "device")])
+def test_unreadable_image_is_one_line_before_the_first_epoch(tmp_path, cached, pipeline):
+    """With worker processes, a truncated test image stops the run before training starts, with one line
+    naming it, exit status 2, and no run folder (with --pipeline device it fails to decode in the main process)."""
+    voc, argv = _tiny_voc_run(tmp_path, "--cache-features" if cached else "--no-cache-features", "--workers", "2",
+                              "--pipeline", pipeline)
     _broken_jpeg(os.path.join(voc, "JPEGImages", "000002.jpg"))
     code, out, err = _run_cli(*argv, cwd=str(tmp_path))
     assert code == 2, out + err
@@ -2200,7 +2201,7 @@ def test_start_up_says_what_it_is_doing(tmp_path):
 
 
 CORE = {"aggregation", "heads", "loss", "metrics", "data", "augment"}
-LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis", "folder", "predict"}
+LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis", "folder", "predict", "pipelines"}
 
 
 def _imports(path):
@@ -2232,6 +2233,7 @@ def test_architecture_core_and_layers():
         own = {m.split(".")[1] for m in imported if m.startswith("clipmlr.") and len(m.split(".")) > 1}
         assert "run" not in imported and not any(m.startswith("run.") for m in imported), path
         name = os.path.relpath(path, os.path.join(REPO, "clipmlr")).split(os.sep)[0].removesuffix(".py")
+        assert name in CORE | LAYERS | {"clip", "__init__"}, f"{path}: neither core nor layer"
         if name == "clip":
             assert own <= {"clip"}, (path, own)  # the CLIP imports nothing else of clipmlr
         elif name in CORE:
@@ -2787,14 +2789,14 @@ def test_tensor_pipeline_draws_the_same_policy_and_is_deterministic(tmp_path, mo
     """--pipeline tensor: uint8 tensors decoded by torchvision.io, the same random draws as the PIL pipeline
     under the same seed (operations, levels, Cutout), images of the right shape, dtype and range."""
     from clipmlr import augment
-    from clipmlr.augment import read_tensor
+    from clipmlr.pipelines import image_pipeline, read_tensor
     path = str(tmp_path / "x.jpg")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (75, 100, 3), dtype=np.uint8)).save(path, quality=95)
     calls = {"pil": [], "tensor": []}
     real = augment.apply_authors_op
     for pipeline in ("pil", "tensor"):
-        transform = image_transform(64, True, pipeline=pipeline)
+        transform = image_pipeline(64, True, pipeline=pipeline)
         read = read_tensor if pipeline == "tensor" else lambda p: Image.open(p).convert("RGB")
 
         def recording(image, op, level, pipeline=pipeline):
@@ -2826,3 +2828,88 @@ def test_tensor_pipeline_trains_the_same_with_any_workers(tmp_path):
         assert result["settings"]["pipeline"] == "tensor"
         losses.append([h["loss"] for h in result["history"]] + [result["map"]])
     assert losses[0] == losses[1]
+
+
+def test_device_pipeline_gives_the_tensor_pipelines_batches_bit_for_bit(tmp_path):
+    """--pipeline device: workers hand over bytes, the batch is decoded and augmented on the device (here the
+    CPU). JPEG (colour and grey), PNG and in-memory images, plain and augmented, 0 and 2 workers: the batches equal
+    the tensor pipeline's (itself tested for the PIL pipeline's draws), labels and indices included."""
+    from clipmlr.augment import SeededViews
+    from clipmlr.pipelines import RawBatch, collate, image_pipeline
+    from clipmlr.demo import demo_split
+    images, labels = demo_split(9, 0, 120)
+    paths = []
+    for i, im in enumerate(images):
+        path = str(tmp_path / f"{i}.{'png' if i % 3 == 0 else 'jpg'}")
+        (im.convert("L") if i % 4 == 1 else im).crop((0, 0, 120 - 7 * i, 90 + 5 * i)).save(path)
+        paths.append(path)
+    for train in (False, True):
+        for data in (paths, images):
+            tensor = SeededViews(ImageDataset(data, labels, image_pipeline(48, train, pipeline="tensor")), 2)
+            device = SeededViews(ImageDataset(data, labels, image_pipeline(48, train, pipeline="device")), 2)
+            for workers in (0, 2):
+                want = list(torch.utils.data.DataLoader(tensor, batch_size=4, num_workers=workers))
+                got = list(torch.utils.data.DataLoader(device, batch_size=4, num_workers=workers, collate_fn=collate))
+                assert len(got) == len(want) == 5
+                for (a, ya, ia), (raw, yb, ib) in zip(want, got):
+                    assert isinstance(raw, RawBatch) and len(raw) == len(ia)
+                    b = raw.to("cpu", memory_format=torch.channels_last)
+                    assert b.dtype == torch.float32 and b.is_contiguous(memory_format=torch.channels_last)
+                    assert torch.equal(a, b), (train, workers, (a - b).abs().max())
+                    assert torch.equal(ya, yb) and torch.equal(ia, ib)
+    assert not torch.equal(want[0][0], want[2][0][:4])  # epoch 2's views are not epoch 1's
+
+
+def test_device_pipeline_trains_and_resumes_like_the_tensor_pipeline(tmp_path, monkeypatch, capsys):
+    """A run with --pipeline device (CPU, 2 workers, augmentation on, no cache) gives the tensor pipeline's run
+    exactly; stopped in epoch 2 and resumed, it still does."""
+    _, argv = _tiny_voc_run(tmp_path, "--no-cache-features", "--augment", "--epochs", "3", "--workers", "2")
+    out = argv.index("--out") + 1
+    results = {}
+    for pipeline in ("tensor", "device"):
+        argv[out] = str(tmp_path / pipeline)
+        assert run.main([*argv, "--pipeline", pipeline]) == 0
+        results[pipeline] = _strict_json(tmp_path / pipeline / "results.json")
+    summary = {p: ([h["loss"] for h in r["history"]], r["map"]) for p, r in results.items()}
+    assert summary["device"] == summary["tensor"] and results["device"]["settings"]["pipeline"] == "device"
+
+    calls = {"n": 0}
+    real = run.asymmetric_loss
+
+    def stopped_in_epoch_2(logits, targets):  # 4 training images, batch 2: two steps an epoch
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(logits, targets)
+    monkeypatch.setattr(run, "asymmetric_loss", stopped_in_epoch_2)
+    argv[out] = str(tmp_path / "stopped")
+    assert run.main([*argv, "--pipeline", "device"]) == 130
+    monkeypatch.setattr(run, "asymmetric_loss", real)
+    assert run.main([*argv, "--pipeline", "device", "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    resumed = _strict_json(tmp_path / "stopped" / "results.json")
+    assert ([h["loss"] for h in resumed["history"]], resumed["map"]) == summary["device"]
+
+
+def test_pipeline_auto_is_device_on_cuda_and_pil_on_the_cpu(monkeypatch):
+    assert cli.parse_args(["--device", "cpu"]).pipeline == "pil"
+    assert cli.parse_args(["--device", "cpu", "--pipeline", "device"]).pipeline == "device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli.parse_args([]).pipeline == "device"  # --device auto finds CUDA
+    assert cli.parse_args(["--pipeline", "pil"]).pipeline == "pil"
+
+
+def test_seeded_leaves_every_gpu_generator_alone(monkeypatch):
+    """The device pipeline seeds each image's draws in the training process: only the CPU generator may be
+    reseeded there (and it is restored); torch.manual_seed would reseed every GPU's for good."""
+    from clipmlr.augment import seeded
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    torch.manual_seed(5)
+    assert calls == [5]  # the probe works: torch.manual_seed goes through it
+    before = torch.rand(3)
+    torch.manual_seed(5)
+    with seeded(123):
+        inside = torch.rand(3)
+        assert torch.initial_seed() == 123
+    assert calls == [5, 5] and torch.equal(torch.rand(3), before) and not torch.equal(inside, before)

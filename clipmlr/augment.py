@@ -11,12 +11,11 @@ import math
 import random
 
 import torch
-import torchvision
 from PIL import ImageDraw
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F2
 
-from .data import DataError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's preprocessing statistics
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,7 +36,8 @@ class Cutout:
         colour = tuple(random.randint(0, 255) for _ in range(3))
         if isinstance(image, torch.Tensor):  # PIL's rectangle includes its far edges
             image = image.clone()
-            image[:, box[1]:box[3] + 1, box[0]:box[2] + 1] = torch.tensor(colour, dtype=image.dtype)[:, None, None]
+            fill = torch.tensor(colour, dtype=image.dtype, device=image.device)[:, None, None]
+            image[:, box[1]:box[3] + 1, box[0]:box[2] + 1] = fill
             return image
         image = image.copy()
         ImageDraw.Draw(image).rectangle(box, fill=colour)
@@ -95,13 +95,15 @@ def apply_authors_op(image, op, level):
         box = (max(0, x - half), max(0, y - half), min(width, x + half), min(height, y + half))
         if isinstance(image, torch.Tensor):
             image = image.clone()
-            image[:, box[1]:box[3], box[0]:box[2]] = torch.tensor(CUTOUT_FILL, dtype=image.dtype)[:, None, None]
+            fill = torch.tensor(CUTOUT_FILL, dtype=image.dtype, device=image.device)[:, None, None]
+            image[:, box[1]:box[3], box[0]:box[2]] = fill
             return image
         image = image.copy()
         if box[2] > box[0] and box[3] > box[1]:
             ImageDraw.Draw(image).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=CUTOUT_FILL)
         return image
-    return {"Invert": TF.invert, "AutoContrast": TF.autocontrast, "Equalize": TF.equalize}[op](image)
+    # transforms.v2's kernels: the same as PIL's on PIL images; on tensors they never wait for a GPU
+    return {"Invert": F2.invert, "AutoContrast": F2.autocontrast, "Equalize": F2.equalize}[op](image)
 
 
 class AuthorsRandAugment:
@@ -127,44 +129,12 @@ class AuthorsRandAugment:
 RANDAUGMENT = {"authors": AuthorsRandAugment, "torchvision": T.RandAugment}
 
 
-def read_tensor(path):
-    """The image at `path` decoded straight into a uint8 (3, H, W) RGB tensor (torchvision.io: libjpeg-turbo,
-    libpng); DataError naming the file when it does not decode."""
-    try:
-        return torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise DataError(f"cannot read the image {path}: {e}") from None
-
-
-class ToUint8:
-    """A path (decoded by read_tensor), a PIL image (converted) or a uint8 (3, H, W) tensor -> uint8 tensor."""
-
-    def __call__(self, image):
-        if isinstance(image, str):
-            return read_tensor(image)
-        return image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image.convert("RGB"))
-
-    def __repr__(self):
-        return "ToUint8()"
-
-
-class TensorPipeline(T.Compose):
-    """The same steps on uint8 (3, H, W) tensors instead of PIL images (PIL input is converted first): images
-    are decoded straight into tensors (torchvision.io), and every operation is torchvision's tensor kernel, the
-    form that also runs on a GPU. The policy and its random draws are the PIL pipeline's; pixel values differ
-    slightly (antialiased tensor resize, bilinear shears)."""
-
-    reads_paths = True  # ImageDataset hands it paths: ToUint8 decodes them into tensors
-
-
-def image_transform(size, train, randaugment="authors", pipeline="pil"):
-    """Plain resize to size × size; for training Cutout, then RandAugment: the authors' policy by default, or
-    torchvision's (`randaugment="torchvision"`). `pipeline="tensor"`: the same on uint8 tensors."""
-    augment = [Cutout(0.5), RANDAUGMENT[randaugment]()] if train else []
-    if pipeline == "tensor":
-        return TensorPipeline([ToUint8(), T.Resize((size, size), antialias=True), *augment,
-                               T.ConvertImageDtype(torch.float32), T.Normalize(MEAN, STD)])
+def image_transform(size, train, randaugment="authors"):
+    """The paper's transform of a PIL image: a plain resize to size × size; for training Cutout, then RandAugment:
+    the authors' policy by default, or torchvision's (`randaugment="torchvision"`). The same steps on uint8 tensors
+    in the workers or on the training device are in pipelines.py (a layer)."""
     steps = [T.Resize((size, size))]  # bilinear, as the reference code
+    augment = [Cutout(0.5), RANDAUGMENT[randaugment]()] if train else []
     return T.Compose(steps + augment + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
@@ -190,12 +160,13 @@ class SeededViews(torch.utils.data.Dataset):
 
 @contextlib.contextmanager
 def seeded(seed):
-    """Python's and torch's CPU random state seeded with `seed` inside, restored on exit: no global state leaks."""
+    """Python's and torch's CPU random state seeded with `seed` inside, restored on exit: no global state leaks.
+    (Only the CPU generator: torch.manual_seed would also reseed, and leave reseeded, every GPU's.)"""
     state = random.getstate()
     try:
         with torch.random.fork_rng(devices=[]):
             random.seed(seed)
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             yield
     finally:
         random.setstate(state)

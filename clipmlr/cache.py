@@ -46,6 +46,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import save_atomic
 from .augment import SeededViews
+from .pipelines import collate
 
 CACHE_FORMAT = 1  # bump when the layout or the per-view seeding changes: old caches then no longer match
 
@@ -79,7 +80,7 @@ def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="enc
     n = len(dataset)
     batches = [range(v * n + c * chunk, v * n + min(n, (c + 1) * chunk)) for v, c in todo]
     loader = torch.utils.data.DataLoader(SeededViews(dataset, views), batch_sampler=batches, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(),
+                                         pin_memory=torch.cuda.is_available(), collate_fn=collate,
                                          generator=torch.Generator())  # not the process's: items seed themselves
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=None, leave=False) as bar:
         for (v, c), (images, _, _) in zip(todo, loader):
@@ -90,7 +91,7 @@ def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="enc
 def feature_shape(dataset, encode):
     """(L, D) of one image of `dataset`, from one forward pass."""
     with torch.inference_mode():
-        return tuple(encode(SeededViews(dataset, 1)[0][0][None]).shape[1:])
+        return tuple(encode(collate([SeededViews(dataset, 1)[0]])[0]).shape[1:])
 
 
 def weights_fingerprint(model):

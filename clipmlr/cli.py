@@ -78,9 +78,11 @@ def parse_args(argv=None, prog=None):
                    "its own (as the paper's Sec. 3.1 reads)")
     p.add_argument("--no-residual", action="store_true", help="PositiveCoOp / NegativeCoOp without the learned "
                    "residual on the prompt's text feature (the authors' code has it; the paper does not describe it)")
-    p.add_argument("--pipeline", choices=["pil", "tensor"], default="pil", help="image pipeline: PIL images "
-                   "(as the authors') or uint8 tensors decoded by torchvision.io, the same policy with tensor "
-                   "kernels")
+    p.add_argument("--pipeline", choices=["auto", "pil", "tensor", "device"], default="auto", help="image "
+                   "pipeline: pil (the authors': PIL images in the workers), tensor (uint8 tensors in the workers, "
+                   "the same policy and draws on torchvision's tensor kernels) or device (the workers read bytes; "
+                   "decoding and augmentation run in batches on --device, the GPU's input path); auto: device on "
+                   "CUDA, pil on the CPU")
     p.add_argument("--randaugment", choices=["authors", "torchvision"], default="authors",
                    help="RandAugment policy: the authors' (2 of 15 operations, each p=0.5, magnitude 1-9 drawn each "
                    "time) or torchvision's (2 of 14, always applied, fixed magnitude 9)")
@@ -138,6 +140,8 @@ def parse_args(argv=None, prog=None):
         p.error(f"--device {args.device}: not a device; give auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu (or auto)")
+    if args.pipeline == "auto":  # on a GPU its own decoder and kernels keep up with the encoder; CPU workers don't
+        args.pipeline = "device" if device.type == "cuda" else "pil"
     return args
 
 

@@ -23,6 +23,7 @@ from .. import cli
 from ..cache import encode_split
 from ..checkpoint import save_atomic
 from ..augment import image_transform
+from ..pipelines import collate, image_pipeline
 from ..data import ImageDataset
 from ..heads import HEADS
 from ..metrics import average_precision
@@ -56,11 +57,11 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     device = torch.device(args.device)
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
     encode = cli.encoder(model, device)
-    test_set = ImageDataset(test, test_y, image_transform(args.image_size, train=False))
+    test_set = ImageDataset(test, test_y, image_pipeline(args.image_size, False, pipeline=args.pipeline))
     if args.cache_features:  # the same feature cache as run.py's test split
         key = {**cli.feature_key(args, clip_info, model), "split": "test", "view": "plain"}
         test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key)
-    loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, collate_fn=collate,
                                          num_workers=0 if args.cache_features else args.workers)
     features_of = (lambda x: x.to(device).float()) if args.cache_features else encode
     scores = torch.cat([zero_shot_scores(features_of(x), *embeddings).cpu() for x, _, _ in loader])
@@ -74,7 +75,7 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
 def zero_shot_settings(args):
     """What a zero-shot result depends on (a stored one is reused only when they are the same)."""
     return {k: getattr(args, k, None) for k in ("data", "data_root", "clip", "image_size", "demo_images",
-                                                 "voc_difficult")}
+                                                 "voc_difficult", "pipeline")}
 
 
 def zero_shot_markdown(result):

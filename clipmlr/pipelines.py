@@ -1,0 +1,180 @@
+"""How images get from disk to the device in batches (a layer: the paper's transforms are augment.py's, and
+run on PIL images there). Three pipelines run them, chosen by run.py's --pipeline:
+
+    pil      the authors' (augment.image_transform): each DataLoader worker decodes with PIL and transforms
+    tensor   each worker decodes straight into a uint8 tensor (torchvision.io) and runs the same steps, with the
+             same random draws, on torchvision's tensor kernels
+    device   each worker only reads a file's bytes; the training process decodes the whole batch on the device
+             (nvJPEG on CUDA) and runs the tensor steps there: the GPU's input path, run.py's default on CUDA
+
+    transform = image_pipeline(size, train, randaugment, pipeline)    for ImageDataset
+    loader = DataLoader(..., collate_fn=collate)                       a device batch arrives as one RawBatch
+    images = batch.to(device)                                          a RawBatch: decoded and augmented there
+
+Pixel values differ slightly between PIL and tensors (an antialiased tensor resize, bilinear shears), and between
+the CPU and CUDA (nvJPEG and the GPU's kernels round differently); the policy and its draws are the same.
+"""
+import contextlib
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchvision
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode
+from torchvision.transforms import functional as TF
+
+from .augment import MEAN, RANDAUGMENT, STD, Cutout, image_transform, seeded
+from .data import DataError
+
+
+def read_tensor(path):
+    """The image at `path` decoded straight into a uint8 (3, H, W) RGB tensor (torchvision.io: libjpeg-turbo,
+    libpng); DataError naming the file when it cannot be read or decoded."""
+    try:
+        with open(path, "rb") as f:
+            data = byte_tensor(f.read())
+    except OSError as e:
+        raise DataError(f"cannot read the image {path}: {e}") from None
+    return decode_tensor(data, path)
+
+
+def byte_tensor(data):
+    """A file's bytes as the 1-D uint8 CPU tensor torchvision.io decodes (empty for an empty file)."""
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+
+
+def decode_tensor(data, name):
+    """A file's bytes (1-D uint8) decoded on the CPU into a uint8 (3, H, W) RGB tensor; DataError naming it."""
+    try:
+        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec, not a dependency here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torchvision.io.decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"cannot read the image {name}: {e}") from None
+
+
+class ToUint8:
+    """A path (decoded by read_tensor), a PIL image (converted) or a uint8 (3, H, W) tensor -> uint8 tensor."""
+
+    def __call__(self, image):
+        if isinstance(image, str):
+            return read_tensor(image)
+        return image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image.convert("RGB"))
+
+    def __repr__(self):
+        return "ToUint8()"
+
+
+class TensorPipeline(T.Compose):
+    """The same steps on uint8 (3, H, W) tensors instead of PIL images (PIL input is converted first): images
+    are decoded straight into tensors (torchvision.io), and every operation is torchvision's tensor kernel, the
+    form that also runs on a GPU. The policy and its random draws are the PIL pipeline's; pixel values differ
+    slightly (antialiased tensor resize, bilinear shears)."""
+
+    reads_paths = True  # ImageDataset hands it paths: ToUint8 decodes them into tensors
+
+
+class Raw(NamedTuple):
+    """One image as a worker of the device pipeline hands it over: the file's bytes, or an in-memory image as a
+    uint8 (3, H, W) array (plain Python/NumPy data: it crosses from the worker as a copy, not as one shared-memory
+    file per image); the seed in force when it was read (SeededViews' (epoch, image) seed), under which its
+    augmentation is drawn later; its name for errors; and the pipeline that turns it into pixels."""
+    data: "bytes | numpy.ndarray"
+    seed: int
+    name: str
+    pipeline: "DevicePipeline"
+
+
+class DevicePipeline:
+    """The pipeline that runs on the training device (`pipeline="device"`; run.py's default on CUDA).
+
+    A DataLoader worker only reads each file's bytes (a Raw). On the device, a whole batch is decoded in one call
+    (nvJPEG on CUDA; PNGs and other formats on the CPU, then moved), and each image is resized, cut out and
+    augmented there with the tensor pipeline's steps and, seeded by its Raw's seed, the same random draws; the
+    batch is then normalised at once. `RawBatch.to(device)` does all this, so a loop that moves its batch to the
+    device is unchanged. On the CPU the same code runs (the tests exercise it there) and matches the tensor
+    pipeline bit for bit; on CUDA, nvJPEG and the GPU's kernels round slightly differently.
+    """
+
+    reads_paths = True
+
+    def __init__(self, steps, train):
+        self.steps, self.train = steps, train  # steps: uint8 (3, H, W) -> uint8 (3, S, S)
+
+    def __call__(self, image):
+        if isinstance(image, str):
+            try:
+                with open(image, "rb") as f:
+                    return Raw(f.read(), torch.initial_seed(), image, self)
+            except OSError as e:
+                raise DataError(f"cannot read the image {image}: {e}") from None
+        return Raw(ToUint8()(image).numpy(), torch.initial_seed(), "an in-memory image", self)
+
+    def __repr__(self):
+        return f"DevicePipeline(decode on the device, then {self.steps}, then normalise)"
+
+
+class RawBatch:
+    """A batch of Raw images (from `collate`); `.to(device)` gives the normalised float (B, 3, S, S) batch there."""
+
+    def __init__(self, raws):
+        self.raws = list(raws)
+
+    def __len__(self):
+        return len(self.raws)
+
+    def to(self, device, non_blocking=False, memory_format=torch.preserve_format):
+        pipeline = self.raws[0].pipeline
+        out = []
+        for raw, image in zip(self.raws, decode_on(device, self.raws)):
+            with seeded(raw.seed) if pipeline.train else contextlib.nullcontext():
+                out.append(pipeline.steps(image))
+        batch = torch.stack(out).to(torch.float32).div_(255)  # (B, 3, S, S) in [0, 1], as ConvertImageDtype
+        mean, std = (torch.tensor(v, device=batch.device)[:, None, None] for v in (MEAN, STD))
+        return batch.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+
+
+def decode_on(device, raws):
+    """The Raw images as uint8 (3, H, W) tensors on `device`: the JPEGs decoded in one call there (nvJPEG on
+    CUDA), anything else, or a JPEG that call cannot take, on the CPU and moved; DataError naming a bad file."""
+    files = [byte_tensor(r.data) if isinstance(r.data, bytes) else None for r in raws]
+    images = [torch.from_numpy(r.data) if f is None else None for r, f in zip(raws, files)]
+    jpegs = [i for i, r in enumerate(raws) if isinstance(r.data, bytes) and r.data[:3] == b"\xff\xd8\xff"]
+    if jpegs:
+        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec, not a dependency here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = torchvision.io.decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB,
+                                                     device=device)
+            except RuntimeError:  # the call decodes all or nothing: the images one by one below
+                decoded = [None] * len(jpegs)
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+    for i, raw in enumerate(raws):
+        if images[i] is None:
+            images[i] = decode_tensor(files[i], raw.name)
+    return [image.to(device, non_blocking=True) for image in images]
+
+
+def collate(batch):
+    """torch's default_collate, except that the device pipeline's Raw images make one RawBatch."""
+    if isinstance(batch[0][0], Raw):
+        images, *rest = zip(*batch)
+        return (RawBatch(images), *(torch.utils.data.default_collate(list(r)) for r in rest))
+    return torch.utils.data.default_collate(batch)
+
+
+def image_pipeline(size, train, randaugment="authors", pipeline="pil"):
+    """augment.image_transform(size, train, randaugment) as the `pipeline` runs it: "pil" (that transform
+    itself), "tensor" (the same steps on uint8 tensors in the workers) or "device" (DevicePipeline)."""
+    if pipeline == "pil":
+        return image_transform(size, train, randaugment)
+    augment = [Cutout(0.5), RANDAUGMENT[randaugment]()] if train else []
+    if pipeline == "device":
+        return DevicePipeline(T.Compose([T.Resize((size, size), antialias=True), *augment]), train)
+    if pipeline == "tensor":
+        return TensorPipeline([ToUint8(), T.Resize((size, size), antialias=True), *augment,
+                               T.ConvertImageDtype(torch.float32), T.Normalize(MEAN, STD)])
+    raise ValueError(f"pipeline {pipeline!r}: expected 'pil', 'tensor' or 'device'")
