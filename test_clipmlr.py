@@ -2860,6 +2860,24 @@ def test_device_pipeline_gives_the_tensor_pipelines_batches_bit_for_bit(tmp_path
     assert not torch.equal(want[0][0], want[2][0][:4])  # epoch 2's views are not epoch 1's
 
 
+def test_device_pipeline_pixels_ignore_the_encoders_autocast():
+    """run.py moves a batch to the device inside the encoder's bf16 autocast; the device pipeline's convolutions
+    (Sharpness) and resampling must still run in fp32: the same batch as outside autocast (CPU autocast here)."""
+    import functools
+    from torchvision import transforms as T
+    from torchvision.transforms import functional as TF
+    from clipmlr.augment import MEAN, STD
+    from clipmlr.pipelines import DevicePipeline, collate
+    images, _ = demo_split(4, 0, 120)
+    steps = T.Compose([T.Resize((48, 48), antialias=True), functools.partial(TF.adjust_sharpness, sharpness_factor=1.9),
+                       functools.partial(TF.rotate, angle=13.0, fill=128)])
+    batch = collate([(DevicePipeline(steps, train=False)(im), 0, i) for i, im in enumerate(images)])[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = batch.to("cpu")
+    want = torch.stack([(steps(TF.pil_to_tensor(im)).float() / 255 - torch.tensor(MEAN)[:, None, None])
+                        / torch.tensor(STD)[:, None, None] for im in images])
+    assert torch.allclose(under, want, atol=1e-5), (under - want).abs().max()
+
 def test_device_pipeline_trains_and_resumes_like_the_tensor_pipeline(tmp_path, monkeypatch, capsys):
     """A run with --pipeline device (CPU, 2 workers, augmentation on, no cache) gives the tensor pipeline's run
     exactly; stopped in epoch 2 and resumed, it still does."""

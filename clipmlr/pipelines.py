@@ -126,11 +126,12 @@ class RawBatch:
         return len(self.raws)
 
     def to(self, device, non_blocking=False, memory_format=torch.preserve_format):
-        pipeline = self.raws[0].pipeline
+        pipeline, device = self.raws[0].pipeline, torch.device(device)
         out = []
-        for raw, image in zip(self.raws, decode_on(device, self.raws)):
-            with seeded(raw.seed) if pipeline.train else contextlib.nullcontext():
-                out.append(pipeline.steps(image))
+        with torch.autocast(device.type, enabled=False):  # the encoder's bf16 autocast must not touch the pixels
+            for raw, image in zip(self.raws, decode_on(device, self.raws)):
+                with seeded(raw.seed) if pipeline.train else contextlib.nullcontext():
+                    out.append(pipeline.steps(image))
         batch = torch.stack(out).to(torch.float32).div_(255)  # (B, 3, S, S) in [0, 1], as ConvertImageDtype
         mean, std = (torch.tensor(v, device=batch.device)[:, None, None] for v in (MEAN, STD))
         return batch.sub_(mean).div_(std).contiguous(memory_format=memory_format)
