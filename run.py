@@ -71,7 +71,7 @@ def run(args):
     known = (mask_y >= 0).float().mean().item()
     say(f"data: {args.data}, {len(train)} training images ({known * 100:.1f}% of labels known), {len(test)} test "
         f"images, {len(classnames)} classes; device {device}" + (f", {world} processes" if world > 1 else "")
-        + f"; {args.workers} loader workers")
+        + f"; {args.workers} loader workers, --pipeline {args.pipeline}")
     if known == 0:
         raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
                            f"give a larger --labels")

@@ -2691,7 +2691,7 @@ def test_training_is_the_same_with_any_number_of_workers(tmp_path):
         out = tmp_path / workers
         code, stdout, err = _run_cli(*SMALL, "--epochs", "3", "--workers", workers, "--out", str(out), cwd=str(tmp_path))
         assert code == 0, err
-        assert f"; {workers} loader workers" in stdout
+        assert f"; {workers} loader workers, --pipeline pil" in stdout  # the CPU's default pipeline
         results.append(_strict_json(out / "results.json"))
     assert [h["loss"] for h in results[0]["history"]] == [h["loss"] for h in results[1]["history"]]
     assert results[0]["map"] == results[1]["map"]
@@ -2890,6 +2890,8 @@ def test_device_pipeline_trains_and_resumes_like_the_tensor_pipeline(tmp_path, m
         results[pipeline] = _strict_json(tmp_path / pipeline / "results.json")
     summary = {p: ([h["loss"] for h in r["history"]], r["map"]) for p, r in results.items()}
     assert summary["device"] == summary["tensor"] and results["device"]["settings"]["pipeline"] == "device"
+    from clipmlr import predict
+    assert predict.main([str(tmp_path / "device"), "--evaluate"]) == 0  # scores the test split as the run did
 
     calls = {"n": 0}
     real = run.asymmetric_loss
