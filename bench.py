@@ -12,14 +12,14 @@ speed does not depend on them):
   3. one training step (forward, asymmetric loss, backward, SGD) of every head, on cached features vs with the
      image encoder in the loop (images already decoded and augmented; the encoder's forward is what differs)
   4. one epoch of the demo (`run.py --data demo`'s loop, PositiveCoOp), encoder in the loop vs cached features
-  5. the input pipelines, PIL vs uint8 tensors (--pipeline), images/s on one core, decoding included; and
-     --pipeline device on the bench's device (the GPU's input path): a batch of JPEG bytes decoded, resized,
-     augmented and normalised there, beside the encoder's images/s
+  5. the input pipelines (--pipeline pil, tensor, device), images/s on one core, decoding included; on a GPU,
+     --pipeline device there (the GPU's input path) alone, and the encoder fed by it as run.py feeds it
+     (workers read bytes, the loader's pin-memory thread decodes and augments), beside the encoder alone
   6. predict (`python -m clipmlr.predict`): images/s over a folder of demo images
   7. peak memory; with RN101, the projected hours of the paper's VOC2007 and COCO2014 runs (50 epochs of
      PositiveCoOp; the test split encoded once), with the encoder in the loop and with the feature cache (K views),
-     from the rates measured above: on a GPU the device pipeline's, in the training process; on a CPU the PIL
-     pipeline's per-core rate times run.py's default workers, beside the encoder
+     from the rates measured above: on a GPU the encoder fed by the device pipeline; on a CPU the encoder alone
+     or the PIL pipeline's per-core rate times run.py's default workers, whichever is slower
 On CUDA the image encoder runs under bf16 autocast with channels_last, as run.py does; the train
 step is also timed with the head under bf16 autocast. Without --quick, a CPU run takes a few minutes.
 """
@@ -294,51 +294,59 @@ def bench_pipelines(size, n=32, batch=8):
     return out
 
 
-def bench_device_pipeline(size, device, batch, reps=3):
-    """Images per second of --pipeline device on `device`, as run.py's training process runs it: a batch of
-    VOC-sized JPEGs (already read as bytes by the workers) decoded in one call (nvJPEG on CUDA), resized,
-    augmented (each image its own draws, seeded as in training) and normalised there. Plain and augmented.
-    (On the CPU bench_pipelines measures it beside the others.)"""
+def bench_device_pipeline(model, size, device, batch, workers, reps=3):
+    """--pipeline device on a GPU. Alone: images/s of the training process's part, a batch of VOC-sized JPEGs
+    (already read as bytes) decoded in one call (nvJPEG), resized, augmented (each image its own draws, seeded as
+    in training) and normalised there. Fed: images/s of the encoder fed by it as run.py feeds it, a DataLoader
+    with `workers` reading bytes and its pin-memory thread decoding and augmenting on a stream of its own while
+    the encoder runs. Plain and augmented. (On a CPU bench_pipelines measures the pipeline beside the others.)"""
     from clipmlr.augment import SeededViews
     from clipmlr.pipelines import collate, image_pipeline
-    out = {"batch": batch, "device": str(device)}
+    encode = encoder(model, device)
+    out = {"batch": batch, "device": str(device), "workers": workers}
     with tempfile.TemporaryDirectory() as folder:
         paths = voc_sized_jpegs(folder, batch)
         for train in (False, True):
+            kind = "augmented" if train else "plain"
             data = SeededViews(ImageDataset(paths, torch.zeros(batch, 1), image_pipeline(size, train,
-                                                                                        pipeline="device")), reps + 1)
+                                                                                        pipeline="device")), 8)
             batches = iter([collate([data[j] for j in range(v * batch, (v + 1) * batch)]) for v in range(reps + 1)])
             ms = timed(lambda: next(batches)[0].to(device), device, reps)  # a fresh view each time
-            out["augmented" if train else "plain"] = batch / ms * 1000
+            out[kind] = batch / ms * 1000
+            loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, pin_memory=True,
+                                                 collate_fn=collate)
+            with torch.inference_mode():
+                seen, t0 = 0, None
+                for images, _, _ in loader:
+                    encode(images)
+                    if t0 is None:  # the first batch starts the workers: not timed
+                        sync(device)
+                        t0 = time.perf_counter()
+                    else:
+                        seen += len(images)
+                sync(device)
+            out[f"fed_{kind}"] = seen / (time.perf_counter() - t0)
     return out
 
 
 VOC_COCO = {"VOC2007": (5011, 4952), "COCO2014": (82_081, 40_137)}  # training and test images run.py reads
 
 
-def projections(encoder_img_s, loader, steps_ms, views, batch, serial, epochs=50):
+def projections(feed, head_ms, views, batch, epochs=50):
     """Projected hours of the paper's runs (50 epochs of PositiveCoOp) from measured rates, with the encoder in
-    the loop (a fresh augmentation every epoch) and with the feature cache (K views encoded once).
+    the loop (a fresh augmentation every epoch) and with the feature cache (K views encoded once; the test split
+    is encoded once either way).
 
-    `loader`: images/s of the input pipeline, {"plain", "augmented"}; `steps_ms[data]`: ms of one training step
-    with the encoder in the loop ("in_loop") and on cached features ("cached"). `serial`: the pipeline runs in
-    the training process (--pipeline device), so its time adds to the step's; otherwise it runs in workers beside
-    it and the slower of the two sets the pace. The test split is encoded once either way.
+    `feed`: images/s of the encoder fed by the input pipeline, {"plain", "augmented"}; `head_ms[data]`: ms of the
+    head's training step on a batch of features (the step on cached features), which follows the encoder's.
     """
-    def pace(*seconds):
-        return sum(seconds) if serial else max(seconds)
     out = {}
     for data, (n_train, n_test) in VOC_COCO.items():
         steps = epochs * math.ceil(n_train / batch)
-        test = n_test * pace(1 / encoder_img_s, 1 / loader["plain"])
-        step = steps_ms[data]
-        out[data] = {
-            "hours_uncached": (steps * pace(step["in_loop"] / 1000, batch / loader["augmented"]) + test) / 3600,
-            "hours_cached": (views * n_train * pace(1 / encoder_img_s, 1 / loader["augmented"]) + test
-                             + steps * step["cached"] / 1000) / 3600,
-            "loader_bound_uncached": batch / loader["augmented"] > step["in_loop"] / 1000}
-    return {"runs": out, "views": views, "batch": batch, "serial": serial, "loader": loader,
-            "encoder_images_per_s": encoder_img_s}
+        test, head = n_test / feed["plain"], steps * head_ms[data] / 1000
+        out[data] = {"hours_uncached": (epochs * n_train / feed["augmented"] + head + test) / 3600,
+                     "hours_cached": (views * n_train / feed["augmented"] + head + test) / 3600}
+    return {"runs": out, "views": views, "batch": batch, "feed": feed}
 
 
 def parse_args(argv=None):
@@ -386,7 +394,7 @@ def main(argv=None):
         ("train_step", lambda: bench_train_steps(model, VOC_CLASSES, 448, step_batch, step_reps, device)),
         ("demo_epoch", lambda: bench_demo_epoch(*demo[:3], demo[3], args.workers, device, demo[4])),
         ("pipelines", lambda: bench_pipelines(448)),
-        ("device_pipeline", lambda: bench_device_pipeline(448, device, 32) if gpu else None),
+        ("device_pipeline", lambda: bench_device_pipeline(model, 448, device, 32, cli_workers()) if gpu else None),
         ("decode_check", bench_decode_check),
         ("predict", lambda: bench_predict(model, 224 if small else 448, 64 if small or gpu else 16,
                                           32 if gpu else 8, args.workers, device)),
@@ -401,18 +409,17 @@ def main(argv=None):
         print(f"  {section}: {results['seconds'][section]:.1f} s", flush=True)
     if not small:  # the paper's runs, projected from the rates measured above
         t0 = time.perf_counter()
-        voc = results["train_step"]["positive"]
         coco = bench_train_steps(model, COCO_CLASSES, 448, step_batch, step_reps, device, ["positive"], False)
-        results["coco_step_ms_cached"] = coco["positive"]["ms_cached"]  # 80 prompts instead of 20
-        steps_ms = {"VOC2007": {"in_loop": voc["ms_in_loop"], "cached": voc["ms_cached"]},
-                    "COCO2014": {"in_loop": voc["ms_in_loop"] - voc["ms_cached"] + coco["positive"]["ms_cached"],
-                                 "cached": coco["positive"]["ms_cached"]}}
-        workers = cli_workers()
-        loader = ({k: results["device_pipeline"][k] for k in ("plain", "augmented")} if gpu else
-                  {k: results["pipelines"][f"pil_{k}"] * workers for k in ("plain", "augmented")})
-        results["projection"] = projections(results["image_encoder"]["images_per_s"], loader, steps_ms,
-                                            args.views, step_batch, serial=gpu)
-        results["projection"]["pipeline"] = "device (GPU)" if gpu else f"pil on {workers} workers"
+        head_ms = {"VOC2007": results["train_step"]["positive"]["ms_cached"],  # 20 classes
+                   "COCO2014": coco["positive"]["ms_cached"]}  # 80 prompts
+        encoder_img_s, workers = results["image_encoder"]["images_per_s"], cli_workers()
+        if gpu:  # measured: the encoder fed by the device pipeline
+            feed = {k: results["device_pipeline"][f"fed_{k}"] for k in ("plain", "augmented")}
+            source = f"encoder fed by --pipeline device ({workers} workers)"
+        else:  # the PIL pipeline's per-core rate times the default workers, beside the encoder: the slower sets the pace
+            feed = {k: min(encoder_img_s, results["pipelines"][f"pil_{k}"] * workers) for k in ("plain", "augmented")}
+            source = f"encoder alone, pil on {workers} workers beside it"
+        results["projection"] = {**projections(feed, head_ms, args.views, step_batch), "source": source}
         results["seconds"]["projection"] = time.perf_counter() - t0
     print_table(results)
     if args.json:
@@ -467,17 +474,17 @@ def print_table(r):
     ]
     d = r["device_pipeline"]
     if d:
-        rows.append((f"--pipeline device on {d['device']}, batch {d['batch']}: plain / augmented",
+        rows.append((f"--pipeline device on {d['device']}, batch {d['batch']}, alone: plain / augmented",
                      f"{d['plain']:.0f} / {d['augmented']:.0f} images/s",
-                     f"encoder alone {image['images_per_s']:.0f} images/s: the pipeline is "
-                     f"{d['augmented'] / image['images_per_s']:.2g}x the encoder's rate"))
+                     f"the encoder alone: {image['images_per_s']:.0f} images/s"))
+        rows.append((f"encoder fed by it (DataLoader, {d['workers']} workers, pin-memory thread): plain / augmented",
+                     f"{d['fed_plain']:.0f} / {d['fed_augmented']:.0f} images/s",
+                     f"{d['fed_augmented'] / image['images_per_s']:.2f} of the encoder alone, augmented"))
     if "projection" in r:
         v = r["projection"]
         for data, p in v["runs"].items():
             rows.append((f"{data}, 50 epochs PositiveCoOp (batch {v['batch']}): no cache / cache K={v['views']}",
-                         f"{p['hours_uncached']:.2f} / {p['hours_cached']:.2f} h",
-                         f"input: {v['pipeline']}; no cache is {'loader' if p['loader_bound_uncached'] else 'encoder'}"
-                         f"-bound"))
+                         f"{p['hours_uncached']:.2f} / {p['hours_cached']:.2f} h", f"from: {v['source']}"))
     width = max(len(row[0]) for row in rows)
     memory = "peak GPU memory allocated in the section" if r["gpu"] else "peak resident memory of the process so far"
     print(f"\n{r['model']} on {r['gpu'] or r['device']}; peak = {memory}\n")

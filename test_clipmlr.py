@@ -2860,6 +2860,23 @@ def test_device_pipeline_gives_the_tensor_pipelines_batches_bit_for_bit(tmp_path
     assert not torch.equal(want[0][0], want[2][0][:4])  # epoch 2's views are not epoch 1's
 
 
+def test_device_pipeline_runs_in_the_loaders_pin_memory_step():
+    """On CUDA (pin_memory=True) the DataLoader's pin-memory thread hands each batch to torch's pin_memory(),
+    which calls RawBatch.pin_memory(): the batch is decoded and augmented there, in the background, and a Ready
+    batch goes on to the loop. Through that same torch function here (CPU): the very batch .to() would make."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+    from clipmlr.augment import SeededViews
+    from clipmlr.pipelines import Ready, collate, image_pipeline
+    from clipmlr.demo import demo_split
+    images, labels = demo_split(6, 0, 100)
+    data = SeededViews(ImageDataset(images, labels, image_pipeline(32, True, pipeline="device")), 2)
+    batch = collate([data[j] for j in range(6, 12)])
+    ready = pin_memory(batch[0])  # (labels and indices are pinned as any tensor: not on a machine without GPU)
+    assert isinstance(ready, Ready) and len(ready) == 6
+    want = batch[0].to("cpu")
+    got = ready.to("cpu", non_blocking=True, memory_format=torch.channels_last)  # as run.py's encode asks
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+
 def test_device_pipeline_pixels_ignore_the_encoders_autocast():
     """run.py moves a batch to the device inside the encoder's bf16 autocast; the device pipeline's convolutions
     (Sharpness) and resampling must still run in fp32: the same batch as outside autocast (CPU autocast here)."""

@@ -36,8 +36,8 @@ class Cutout:
         colour = tuple(random.randint(0, 255) for _ in range(3))
         if isinstance(image, torch.Tensor):  # PIL's rectangle includes its far edges
             image = image.clone()
-            fill = torch.tensor(colour, dtype=image.dtype, device=image.device)[:, None, None]
-            image[:, box[1]:box[3] + 1, box[0]:box[2] + 1] = fill
+            for channel, value in enumerate(colour):  # a number per channel: no copy to a GPU, which would wait
+                image[channel, box[1]:box[3] + 1, box[0]:box[2] + 1] = value
             return image
         image = image.copy()
         ImageDraw.Draw(image).rectangle(box, fill=colour)
@@ -95,8 +95,8 @@ def apply_authors_op(image, op, level):
         box = (max(0, x - half), max(0, y - half), min(width, x + half), min(height, y + half))
         if isinstance(image, torch.Tensor):
             image = image.clone()
-            fill = torch.tensor(CUTOUT_FILL, dtype=image.dtype, device=image.device)[:, None, None]
-            image[:, box[1]:box[3], box[0]:box[2]] = fill
+            for channel, value in enumerate(CUTOUT_FILL):
+                image[channel, box[1]:box[3], box[0]:box[2]] = value
             return image
         image = image.copy()
         if box[2] > box[0] and box[3] > box[1]:

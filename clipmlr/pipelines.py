@@ -133,8 +133,50 @@ class RawBatch:
                 with seeded(raw.seed) if pipeline.train else contextlib.nullcontext():
                     out.append(pipeline.steps(image))
         batch = torch.stack(out).to(torch.float32).div_(255)  # (B, 3, S, S) in [0, 1], as ConvertImageDtype
-        mean, std = (torch.tensor(v, device=batch.device)[:, None, None] for v in (MEAN, STD))
+        mean, std = normalisation(batch.device)
         return batch.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+
+    def pin_memory(self):
+        """What the DataLoader's pin-memory thread calls for each batch (pin_memory=True, run.py's setting on
+        CUDA): the batch is decoded and augmented in that background thread, on a CUDA stream of its own, while the
+        training process's stream encodes the batch before it. A Ready batch comes back."""
+        if not torch.cuda.is_available():
+            return Ready(self.to("cpu"), None)
+        device = torch.device("cuda", torch.cuda.current_device())  # the thread is set to the loader's device
+        side = torch.cuda.Stream(device)
+        with torch.cuda.stream(side):
+            images = self.to(device)
+            done = torch.cuda.Event()
+            done.record(side)
+        return Ready(images, done)
+
+
+class Ready:
+    """A batch decoded and augmented by the pin-memory thread on its own CUDA stream; `.to(device)` makes the
+    caller's stream wait for that work on the GPU (the host does not wait) and hands the images over."""
+
+    def __init__(self, images, done):
+        self.images, self.done = images, done  # (B, 3, S, S) float, and the side stream's event (None on a CPU)
+
+    def __len__(self):
+        return len(self.images)
+
+    def to(self, device, non_blocking=False, memory_format=torch.preserve_format):
+        if self.done is not None:
+            stream = torch.cuda.current_stream(self.images.device)
+            stream.wait_event(self.done)
+            self.images.record_stream(stream)  # the allocator keeps the memory until this stream is done with it
+        return self.images.to(device, non_blocking=non_blocking, memory_format=memory_format)
+
+
+CONSTANTS = {}  # device -> (mean, std) as (3, 1, 1) tensors there: copied once, since each copy to a GPU waits
+
+
+def normalisation(device):
+    """CLIP's MEAN and STD as float32 (3, 1, 1) tensors on `device` (made once per device)."""
+    if device not in CONSTANTS:
+        CONSTANTS[device] = tuple(torch.tensor(v, device=device)[:, None, None] for v in (MEAN, STD))
+    return CONSTANTS[device]
 
 
 def decode_on(device, raws):
