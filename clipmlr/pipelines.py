@@ -5,7 +5,9 @@ run on PIL images there). Three pipelines run them, chosen by run.py's --pipelin
     tensor   each worker decodes straight into a uint8 tensor (torchvision.io) and runs the same steps, with the
              same random draws, on torchvision's tensor kernels
     device   each worker only reads a file's bytes; the training process decodes the whole batch on the device
-             (nvJPEG on CUDA) and runs the tensor steps there: the GPU's input path, run.py's default on CUDA
+             (nvJPEG on CUDA) and runs the tensor steps there: the GPU's input path, run.py's default on CUDA.
+             On CUDA this happens in the DataLoader's pin-memory thread, on a CUDA stream of its own, while the
+             main stream encodes the batch before (RawBatch.pin_memory)
 
     transform = image_pipeline(size, train, randaugment, pipeline)    for ImageDataset
     loader = DataLoader(..., collate_fn=collate)                       a device batch arrives as one RawBatch
@@ -94,7 +96,7 @@ class DevicePipeline:
     (nvJPEG on CUDA; PNGs and other formats on the CPU, then moved), and each image is resized, cut out and
     augmented there with the tensor pipeline's steps and, seeded by its Raw's seed, the same random draws; the
     batch is then normalised at once. `RawBatch.to(device)` does all this, so a loop that moves its batch to the
-    device is unchanged. On the CPU the same code runs (the tests exercise it there) and matches the tensor
+    device is unchanged; with pin_memory=True (on CUDA) the loader's pin-memory thread does it in the background. On the CPU the same code runs (the tests exercise it there) and matches the tensor
     pipeline bit for bit; on CUDA, nvJPEG and the GPU's kernels round slightly differently.
     """
 
@@ -139,7 +141,9 @@ class RawBatch:
     def pin_memory(self):
         """What the DataLoader's pin-memory thread calls for each batch (pin_memory=True, run.py's setting on
         CUDA): the batch is decoded and augmented in that background thread, on a CUDA stream of its own, while the
-        training process's stream encodes the batch before it. A Ready batch comes back."""
+        training process's stream encodes the batch before it. A Ready batch comes back. (Each image's draws use
+        the process's global generators inside `seeded`, which restores them; the training loop draws nothing
+        from them while batches are in flight: its data order has a generator of its own.)"""
         if not torch.cuda.is_available():
             return Ready(self.to("cpu"), None)
         device = torch.device("cuda", torch.cuda.current_device())  # the thread is set to the loader's device
