@@ -123,6 +123,10 @@ def run(args):
                                                                      args.pipeline))
     test_set = ImageDataset(test, test_y, pipelines.image_pipeline(args.image_size, False, pipeline=args.pipeline))
     workers = args.workers
+    if isinstance(train[0], str) and (not args.cache_features or args.pipeline == "device"):  # not in epoch 37
+        paths = list(train) + list(test)  # (the cache's build decodes every image, but nvJPEG is not as strict)
+        say(f"checking that all {len(paths)} images decode ({args.workers} workers" + (f" x {world} processes)" if world > 1 else ")"))
+        check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] a share each
     if args.cache_features:  # [layer: cache] every image encoded once (training images in V augmented views)
         views = args.cache_views if args.augment else 1
         key = cli.feature_key(args, clip_info, model)
@@ -132,10 +136,6 @@ def run(args):
         train_set = cache.encode_split(train_set, views, key={**key, "split": "train",
                                                               "view": "augmented" if args.augment else "plain"}, **build)
         workers = 0  # reading stored arrays needs no worker processes
-    elif isinstance(train[0], str):  # every image must decode before epoch 1, not fail in epoch 37
-        paths = list(train) + list(test)
-        say(f"checking that all {len(paths)} images decode ({args.workers} workers" + (f" x {world} processes)" if world > 1 else ")"))
-        check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] a share each
 
     def features_of(batch):  # a batch of images -> the frozen CLIP's features; with the cache, already those
         return batch.to(device, non_blocking=True).float() if args.cache_features else encode(batch)

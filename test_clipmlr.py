@@ -37,6 +37,9 @@ from torch import nn
 
 import clipmlr.clip as clip
 import run
+
+# torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency): hidden outside tests too
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 from clipmlr import analysis, cache as cache_features, cli
 from clipmlr.aggregation import aggregate, prompt_logits
 from clipmlr.checkpoint import save_atomic
@@ -2876,6 +2879,33 @@ def test_device_pipeline_runs_in_the_loaders_pin_memory_step():
     want = batch[0].to("cpu")
     got = ready.to("cpu", non_blocking=True, memory_format=torch.channels_last)  # as run.py's encode asks
     assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+
+def test_device_pipeline_falls_back_to_the_cpu_for_images_not_for_a_failing_gpu(tmp_path, monkeypatch):
+    """The batched JPEG decode (nvJPEG on CUDA) decodes all or nothing: when it refuses an image, every image of
+    the batch is decoded on the CPU instead, to the same pixels; when the device itself fails (out of memory),
+    that error goes up unchanged instead of being hidden behind a slow fallback."""
+    import torchvision
+    from clipmlr import pipelines
+    from clipmlr.demo import demo_split
+    images, _ = demo_split(3, 0, 80)
+    for i, im in enumerate(images):
+        im.save(tmp_path / f"{i}.jpg", quality=90)
+    transform = pipelines.image_pipeline(32, False, pipeline="device")
+    batch = pipelines.collate([(transform(str(tmp_path / f"{i}.jpg")), 0, i) for i in range(3)])[0]
+    want = batch.to("cpu")
+    real = torchvision.io.decode_jpeg
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("nvjpeg: unsupported JPEG")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses)
+    assert torch.equal(batch.to("cpu"), want)  # the CPU's decoder, image by image
+    for failure in (torch.OutOfMemoryError("CUDA out of memory"), RuntimeError("CUDA error: an illegal access")):
+        def fails(*args, failure=failure, **kwargs):
+            raise failure
+        monkeypatch.setattr(torchvision.io, "decode_jpeg", fails)
+        with pytest.raises(type(failure), match="CUDA"):
+            batch.to("cpu")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", real)
 
 def test_device_pipeline_pixels_ignore_the_encoders_autocast():
     """run.py moves a batch to the device inside the encoder's bf16 autocast; the device pipeline's convolutions

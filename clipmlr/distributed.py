@@ -13,7 +13,11 @@ def setup(device):
     """(rank, world size, device): joins the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda":  # made current, so that the DataLoader's pin-memory thread works on it too
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+            torch.cuda.set_device(device)
+        return 0, 1, device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(local)

@@ -17,7 +17,6 @@ Pixel values differ slightly between PIL and tensors (an antialiased tensor resi
 the CPU and CUDA (nvJPEG and the GPU's kernels round differently); the policy and its draws are the same.
 """
 import contextlib
-import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -50,9 +49,7 @@ def byte_tensor(data):
 def decode_tensor(data, name):
     """A file's bytes (1-D uint8) decoded on the CPU into a uint8 (3, H, W) RGB tensor; DataError naming it."""
     try:
-        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec, not a dependency here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torchvision.io.decode_image(data, mode=ImageReadMode.RGB)
+        return torchvision.io.decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
         raise DataError(f"cannot read the image {name}: {e}") from None
 
@@ -129,6 +126,8 @@ class RawBatch:
 
     def to(self, device, non_blocking=False, memory_format=torch.preserve_format):
         pipeline, device = self.raws[0].pipeline, torch.device(device)
+        if device.type == "cuda" and device.index is None:  # one name per GPU: nvJPEG's decoder is per device
+            device = torch.device("cuda", torch.cuda.current_device())
         out = []
         with torch.autocast(device.type, enabled=False):  # the encoder's bf16 autocast must not touch the pixels
             for raw, image in zip(self.raws, decode_on(device, self.raws)):
@@ -147,9 +146,11 @@ class RawBatch:
         if not torch.cuda.is_available():
             return Ready(self.to("cpu"), None)
         device = torch.device("cuda", torch.cuda.current_device())  # the thread is set to the loader's device
-        side = torch.cuda.Stream(device)
+        if device not in SIDE_STREAMS:  # one stream, so that the allocator reuses the memory it frees
+            SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        side = SIDE_STREAMS[device]
         with torch.cuda.stream(side):
-            images = self.to(device)
+            images = self.to(device, memory_format=torch.channels_last)  # the layout run.py encodes in on CUDA
             done = torch.cuda.Event()
             done.record(side)
         return Ready(images, done)
@@ -174,6 +175,7 @@ class Ready:
 
 
 CONSTANTS = {}  # device -> (mean, std) as (3, 1, 1) tensors there: copied once, since each copy to a GPU waits
+SIDE_STREAMS = {}  # CUDA device -> the stream the pin-memory thread decodes and augments on
 
 
 def normalisation(device):
@@ -183,6 +185,9 @@ def normalisation(device):
     return CONSTANTS[device]
 
 
+GPU_FAILURES = tuple(getattr(torch, n) for n in ("OutOfMemoryError", "AcceleratorError") if hasattr(torch, n))
+
+
 def decode_on(device, raws):
     """The Raw images as uint8 (3, H, W) tensors on `device`: the JPEGs decoded in one call there (nvJPEG on
     CUDA), anything else, or a JPEG that call cannot take, on the CPU and moved; DataError naming a bad file."""
@@ -190,13 +195,14 @@ def decode_on(device, raws):
     images = [torch.from_numpy(r.data) if f is None else None for r, f in zip(raws, files)]
     jpegs = [i for i, r in enumerate(raws) if isinstance(r.data, bytes) and r.data[:3] == b"\xff\xd8\xff"]
     if jpegs:
-        with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec, not a dependency here
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                decoded = torchvision.io.decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB,
-                                                     device=device)
-            except RuntimeError:  # the call decodes all or nothing: the images one by one below
-                decoded = [None] * len(jpegs)
+        if device.type == "cuda":  # nvJPEG writes on a stream of its own into memory this stream may still read
+            torch.cuda.current_stream(device).synchronize()
+        try:  # (torchvision 0.29 deprecates its decoders for torchcodec: a DeprecationWarning, hidden by default)
+            decoded = torchvision.io.decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:  # the call decodes all or nothing: the images one by one on the CPU below
+            if isinstance(e, GPU_FAILURES) or "CUDA error" in str(e):
+                raise  # the GPU itself failed (out of memory, ...): not a matter of these images
+            decoded = [None] * len(jpegs)
         for i, image in zip(jpegs, decoded):
             images[i] = image
     for i, raw in enumerate(raws):
