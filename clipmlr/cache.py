@@ -16,7 +16,8 @@ over (V=1: no augmentation diversity at all) and pays V passes, once for every h
 (the views do not depend on the run's seed). Disk: V·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
 trainval is 1.0 GB per view (8.1 GB for V=8; the test split 1.0 GB), COCO2014 train 16.5 GB per view (132 GB
 for V=8). Reading it back is disk-bound when it does not fit in the page cache. The build decodes every image,
-so it is also the check that every image is readable (run.py needs no separate decoding pass then).
+so it is also the check that every image is readable (run.py needs no separate decoding pass then,
+except with --pipeline device: nvJPEG is not as strict).
 
 A cache folder, DIR/<data>-<split>-<hash of the key>/, holds
     meta.json      the full key (checkpoint sha256 — or, for an unsaved random model, a hash of its weights —,
