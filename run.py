@@ -123,8 +123,9 @@ def run(args):
                                                                      args.pipeline))
     test_set = ImageDataset(test, test_y, pipelines.image_pipeline(args.image_size, False, pipeline=args.pipeline))
     workers = args.workers
-    if isinstance(train[0], str) and (not args.cache_features or args.pipeline == "device"):  # not in epoch 37
-        paths = list(train) + list(test)  # (the cache's build decodes every image, but nvJPEG is not as strict)
+    # every image must decode now, not fail in epoch 37 (a cache's build decodes them all, but nvJPEG less strictly)
+    if isinstance(train[0], str) and (not args.cache_features or args.pipeline == "device"):
+        paths = list(train) + list(test)
         say(f"checking that all {len(paths)} images decode ({args.workers} workers" + (f" x {world} processes)" if world > 1 else ")"))
         check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] a share each
     if args.cache_features:  # [layer: cache] every image encoded once (training images in V augmented views)
