@@ -4,6 +4,7 @@
     check_writable(path, "--out")               before anything is loaded, so a bad folder fails at once
     train, train_y, test, test_y, classnames = load_data(args)        VOC2007, COCO2014 or the offline demo
     model, clip_info = load_clip(args, train)   a checkpoint, or the demo's random miniature CLIP
+    loader, features_of = test_split(...)       the test split as run.py scores it (predict, zero-shot)
 
 Errors a user can cause are the project's own types (ERRORS); run.py and the analyses print them as one line and
 exit with status 2. Anything else is a bug and keeps its traceback.
@@ -14,14 +15,15 @@ import os
 import torch
 
 from . import clip
-from .cache import CacheError, weights_fingerprint
+from .cache import CacheError, encode_split, weights_fingerprint
 from .checkpoint import CheckpointError
 from .augment import image_transform
-from .data import DataError, load_coco, load_voc
+from .data import DataError, ImageDataset, load_coco, load_voc
 from .folder import load_folder
 from .demo import DEMO_CLASSES, demo_split, tiny_clip
 from .download import download_coco, download_voc
 from .heads import HEADS, HeadError
+from .pipelines import collate, image_pipeline
 
 
 class RunError(Exception):
@@ -226,6 +228,22 @@ def encoder(model, device):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             return model.encode_dense(images.to(device, non_blocking=True, memory_format=memory_format)).float()
     return encode
+
+
+def test_split(args, test, test_y, model, clip_info, batch_size):
+    """(loader, features_of) of the test split as run.py scores it: its pipeline, and with --cache-features the
+    same cached test features (encoded now if missing). `features_of(batch)` gives (B, L, D) fp32 features."""
+    device = torch.device(args.device)
+    encode = encoder(model, device)
+    test_set = ImageDataset(test, test_y, image_pipeline(args.image_size, False, pipeline=args.pipeline))
+    if args.cache_features:
+        key = {**feature_key(args, clip_info, model), "split": "test", "view": "plain"}
+        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size, collate_fn=collate,
+                                         num_workers=0 if args.cache_features else args.workers)
+    if args.cache_features:
+        return loader, lambda batch: batch.to(device, non_blocking=True).float()
+    return loader, encode
 
 
 def settings_argv(settings):

@@ -33,12 +33,16 @@ from .data import DataError
 def read_tensor(path):
     """The image at `path` decoded straight into a uint8 (3, H, W) RGB tensor (torchvision.io: libjpeg-turbo,
     libpng); DataError naming the file when it cannot be read or decoded."""
+    return decode_tensor(byte_tensor(read_bytes(path)), path)
+
+
+def read_bytes(path):
+    """The bytes of the image file at `path`; DataError naming it when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            data = byte_tensor(f.read())
+            return f.read()
     except OSError as e:
         raise DataError(f"cannot read the image {path}: {e}") from None
-    return decode_tensor(data, path)
 
 
 def byte_tensor(data):
@@ -104,11 +108,7 @@ class DevicePipeline:
 
     def __call__(self, image):
         if isinstance(image, str):
-            try:
-                with open(image, "rb") as f:
-                    return Raw(f.read(), torch.initial_seed(), image, self)
-            except OSError as e:
-                raise DataError(f"cannot read the image {image}: {e}") from None
+            return Raw(read_bytes(image), torch.initial_seed(), image, self)
         return Raw(ToUint8()(image).numpy(), torch.initial_seed(), "an in-memory image", self)
 
     def __repr__(self):

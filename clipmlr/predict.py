@@ -26,10 +26,8 @@ from tqdm import tqdm
 
 from . import cli
 from .augment import image_transform
-from .pipelines import collate, image_pipeline
-from .cache import encode_split
 from .checkpoint import save_atomic
-from .data import DataError, ImageDataset, read_image
+from .data import DataError, read_image
 from .heads import build_head
 from .metrics import average_precision, margin, margins_of
 
@@ -138,17 +136,8 @@ def predict(head, model, paths, image_size, device, batch_size=32, workers=0):
 
 def evaluate(head, model, record, results, args):
     """The run's test mAP again, from head.pt, computed as run.py computed it (same features, same batches)."""
-    device = torch.device(args.device)
     _, _, test, test_y, _ = cli.load_data(args, say=lambda *a: None)
-    test_set = ImageDataset(test, test_y, image_pipeline(args.image_size, False, pipeline=args.pipeline))
-    encode = cli.encoder(model, device)
-    features_of = encode
-    if args.cache_features:  # the run's own cached test features
-        key = {**cli.feature_key(args, results["clip"], model), "split": "test", "view": "plain"}
-        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key)
-        features_of = lambda batch: batch.to(device, non_blocking=True).float()  # noqa: E731
-    loader = torch.utils.data.DataLoader(test_set, batch_size=max(args.batch_size, 100), collate_fn=collate,
-                                         num_workers=0 if args.cache_features else args.workers)
+    loader, features_of = cli.test_split(args, test, test_y, model, results["clip"], max(args.batch_size, 100))
     ap = average_precision(margins_of(head, loader, features_of), test_y)
     return 100 * float(np.nanmean(ap)), ap
 

@@ -20,11 +20,8 @@ import torch
 from PIL import Image
 
 from .. import cli
-from ..cache import encode_split
 from ..checkpoint import save_atomic
 from ..augment import image_transform
-from ..pipelines import collate, image_pipeline
-from ..data import ImageDataset
 from ..heads import HEADS
 from ..metrics import average_precision
 from ..predict import PredictError, load_head
@@ -56,14 +53,7 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     model, clip_info = load_clip(args, train)
     device = torch.device(args.device)
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
-    encode = cli.encoder(model, device)
-    test_set = ImageDataset(test, test_y, image_pipeline(args.image_size, False, pipeline=args.pipeline))
-    if args.cache_features:  # the same feature cache as run.py's test split
-        key = {**cli.feature_key(args, clip_info, model), "split": "test", "view": "plain"}
-        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key)
-    loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, collate_fn=collate,
-                                         num_workers=0 if args.cache_features else args.workers)
-    features_of = (lambda x: x.to(device).float()) if args.cache_features else encode
+    loader, features_of = cli.test_split(args, test, test_y, model, clip_info, args.batch_size)  # run.py's cache
     scores = torch.cat([zero_shot_scores(features_of(x), *embeddings).cpu() for x, _, _ in loader])
     ap = average_precision(scores, test_y)
     return {"map": 100 * float(np.nanmean(ap)),  # a class with no positive test label: no AP (null), left out
