@@ -379,8 +379,7 @@ def main(argv=None):
     demo = (128, 224, 2, 32, 1) if small else (256, 224, 4, 32, 2)  # images, px, views, batch, in-loop epochs
     model = (tiny_clip(resolution=448) if small else rn101()).to(device)
     name = "miniature demo CLIP (random)" if small else "RN101 architecture (random weights)"
-    if gpu:
-        torch.backends.cudnn.benchmark = True
+    if gpu:  # as run.py encodes on CUDA (and, like run.py, without cudnn.benchmark)
         model.visual.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(device)
     results = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if gpu else None,

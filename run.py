@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clipmlr.augment import EpochSampler, SeededViews
 from clipmlr.data import ImageDataset, check_decodable, mask_labels
-from clipmlr.heads import build_head, count_trainable, parameter_groups
+from clipmlr.heads import build_head, count_trainable, parameter_groups, prompt_tokens
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
 from clipmlr.metrics import average_precision, margins_of
 from clipmlr import cache, checkpoint, cli, distributed, pipelines  # the layers
@@ -71,10 +71,12 @@ def run(args):
     known = (mask_y >= 0).float().mean().item()
     say(f"data: {args.data}, {len(train)} training images ({known * 100:.1f}% of labels known), {len(test)} test "
         f"images, {len(classnames)} classes; device {device}" + (f", {world} processes" if world > 1 else "")
-        + f"; {args.workers} loader workers, --pipeline {args.pipeline}")
+        + f"; {cli.plural(args.workers, 'loader worker')}, --pipeline {args.pipeline}")
     if known == 0:
         raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
                            f"give a larger --labels")
+    if args.head != "baseline":  # a prompt over the text encoder's 77 tokens fails now, not after loading CLIP
+        prompt_tokens(classnames, args.n_ctx)
     loss_weight = loss_weight_rule(known) if args.loss_weight is None else args.loss_weight  # 0.03 at 50% of labels
     no_ap = [n for n, has in zip(classnames, (test_y == 1).any(dim=0).tolist()) if not has]
     if no_ap:
@@ -133,9 +135,10 @@ def run(args):
         key = cli.feature_key(args, clip_info, model)
         say(f"encoding the features: test images x 1, training images x {views} view(s), cached in {args.cache_dir}")
         build = dict(encode=encode, batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir)
+        build["pin_memory"] = device.type == "cuda"  # as the training loader
         test_set = cache.encode_split(test_set, 1, key={**key, "split": "test", "view": "plain"}, **build)  # short
-        train_set = cache.encode_split(train_set, views, key={**key, "split": "train",
-                                                              "view": "augmented" if args.augment else "plain"}, **build)
+        train_set = cache.encode_split(train_set, views, seed=args.seed if args.augment else 0, key={
+            **key, "split": "train", "view": "augmented" if args.augment else "plain"}, **build)
         workers = 0  # reading stored arrays needs no worker processes
 
     def features_of(batch):  # a batch of images -> the frozen CLIP's features; with the cache, already those
@@ -151,11 +154,11 @@ def run(args):
     # training: for epoch, for batch: images -> features -> head -> loss -> step
     # the order is a permutation seeded by (seed, epoch); [layer: torchrun] rank r takes every world-th image of
     # it, so the union of the ranks' batches k is the global batch k that one process would see. Image i's
-    # augmentation in epoch e is seeded by (e, i) alone (SeededViews): the same whatever the workers or ranks,
-    # and the same as the feature cache's view e; so the workers persist from epoch to epoch.
+    # augmentation in epoch e is seeded by (seed, e, i) alone (SeededViews): the same whatever the workers or
+    # ranks, and the same as the feature cache's view e; so the workers persist from epoch to epoch.
     order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
     if not args.cache_features:
-        train_set, order = SeededViews(train_set, args.epochs), EpochSampler(order, len(train_set))
+        train_set, order = SeededViews(train_set, args.epochs, args.seed), EpochSampler(order, len(train_set))
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=order,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda", collate_fn=pipelines.collate)

@@ -1,5 +1,6 @@
 """The paper's image transforms: a plain resize, and for training Cutout + RandAugment (Sec. 4); and how their
-randomness is seeded: image i's augmentation in epoch (or cached view) e is seeded by (e, i) alone (SeededViews).
+randomness is seeded: image i's augmentation in epoch (or cached view) e is seeded by (the run's seed, e, i)
+alone (SeededViews), whatever the worker processes, threads or ranks that compute it.
 
 Training images are augmented as DualCoOp and PositiveCoOp do: Cutout (one square of half the side, random
 colour), then RandAugment. The authors' RandAugment is the `randaugment` package (1.0.2), whose policy differs
@@ -9,6 +10,9 @@ torchvision's own is the alternative (`randaugment="torchvision"`, run.py's --ra
 import contextlib
 import math
 import random
+import threading
+
+import numpy as np
 
 import torch
 from PIL import ImageDraw
@@ -140,37 +144,58 @@ def image_transform(size, train, randaugment="authors"):
 
 
 class SeededViews(torch.utils.data.Dataset):
-    """Item j = view j // N of item j % N of `dataset`, its random augmentation seeded by j alone.
+    """Item j = view j // N of item j % N of `dataset`, its random augmentation seeded by (seed, j) alone.
 
     View e is epoch e of training with the encoder in the loop, and view e of the feature cache: the same
-    augmentation of the same image either way, whatever the worker processes, their number or the ranks.
+    augmentation of the same image either way, whatever the worker processes, their number or the ranks; and
+    another one under another `seed` (run.py's --seed), so that runs with other seeds see other augmentations.
     """
 
-    def __init__(self, dataset, views):
-        self.dataset, self.views = dataset, views
+    def __init__(self, dataset, views, seed=0):
+        self.dataset, self.views, self.seed = dataset, views, seed
 
     def __len__(self):
         return self.views * len(self.dataset)
 
     def __getitem__(self, j):
-        # Cutout draws from `random`, RandAugment from torch's generator; both are seeded for this item alone
-        # and given back as they were (torch keeps 32 bits of a seed, and j < 2**32)
-        with seeded(j):
+        # Cutout draws from `random`, RandAugment from torch's generator: both seeded for this item alone
+        with seeded(item_seed(self.seed, j)):
             return self.dataset[j % len(self.dataset)]
+
+
+def item_seed(seed, j):
+    """The seed of item j in a run seeded with `seed`: both numbers mixed (NumPy's SeedSequence) into 32 bits,
+    since torch's generator keeps only the low 32 bits of a seed (seed + 2**32 would draw what seed draws)."""
+    if seed < 0 or j < 0:
+        raise ValueError(f"seeds are non-negative integers, got seed {seed} and item {j}")
+    return int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
+
+
+SEEDING = threading.RLock()  # the global generators are shared by the threads of a process (the pin-memory one)
+_ACTIVE = threading.local()  # the seed of the `seeded` block a thread is in
 
 
 @contextlib.contextmanager
 def seeded(seed):
     """Python's and torch's CPU random state seeded with `seed` inside, restored on exit: no global state leaks.
-    (Only the CPU generator: torch.manual_seed would also reseed, and leave reseeded, every GPU's.)"""
-    state = random.getstate()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            torch.default_generator.manual_seed(seed)
-            yield
-    finally:
-        random.setstate(state)
+    (Only the CPU generator: torch.manual_seed would also reseed, and leave reseeded, every GPU's.) One thread at a
+    time: the DataLoader's pin-memory thread augments (the device pipeline) while the main thread reads items."""
+    with SEEDING:
+        state, outer = random.getstate(), getattr(_ACTIVE, "seed", None)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                torch.default_generator.manual_seed(seed)
+                _ACTIVE.seed = seed
+                yield
+        finally:
+            random.setstate(state)
+            _ACTIVE.seed = outer
+
+
+def active_seed():
+    """The seed of the `seeded` block this thread is in (SeededViews' item seed), or None outside one."""
+    return getattr(_ACTIVE, "seed", None)
 
 
 class EpochSampler(torch.utils.data.Sampler):

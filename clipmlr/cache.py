@@ -5,15 +5,15 @@ encode, batch_size, workers, cache_dir, key)` returns a dataset of (features (L,
 
     cache_dir=None     every image encoded `views` times up front and kept in memory (fp16)
     cache_dir=DIR      the same, kept on disk (fp16, memory-mapped) and reused by later runs:
-                       later epochs, other heads, other label fractions and seeds
+                       later epochs, other heads and label fractions (augmented views: the same seed)
 
 `encode` is the caller's own function from a batch of images (B, 3, S, S) to features (B, L, D) — run.py
 passes the very function its training loop uses, so cached and in-loop features are computed alike.
 
 Epoch e serves view e mod V. The trade-off of V: in the loop, 50 epochs show every training image under 50
 different augmentations and pay 50 encoder passes over the training set; the cache shows V of them over and
-over (V=1: no augmentation diversity at all) and pays V passes, once for every head, label fraction and seed
-(the views do not depend on the run's seed). Disk: V·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
+over (V=1: no augmentation diversity at all) and pays V passes, once for every head and label fraction; augmented
+views are drawn under the run's seed, so each seed has its own (plain views are shared by all seeds). Disk: V·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
 trainval is 1.0 GB per view (8.1 GB for V=8; the test split 1.0 GB), COCO2014 train 16.5 GB per view (132 GB
 for V=8). Reading it back is disk-bound when it does not fit in the page cache. The build decodes every image,
 so it is also the check that every image is readable (run.py needs no separate decoding pass then,
@@ -21,12 +21,13 @@ except with --pipeline device: nvJPEG is not as strict).
 
 A cache folder, DIR/<data>-<split>-<hash of the key>/, holds
     meta.json      the full key (checkpoint sha256 — or, for an unsaved random model, a hash of its weights —,
-                   data, data root, a hash of the image list, resolution, split, view kind, the transform, V),
+                   data, data root, a hash of the image list, resolution, split, view kind, the transform, V,
+                   the augmentations' seed, the device type and precision it was encoded in),
                    the shape, the chunk size, and whether the build is complete
     features.npy   (V, N, L, D) float16 in NumPy's format, read memory-mapped
     done.npy       (V, chunks) uint8: 1 once that chunk of images is safely on disk
-A killed build resumes at the first chunk not done. View v of image i is augmented under the seed v·N + i
-alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the workers — at the same
+A killed build resumes at the first chunk not done. View v of image i is augmented under the item seed of
+(seed, v·N + i) alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the workers — at the same
 number of CPU threads: a convolution's float sums depend on how the threads split them, so a cache built with
 another thread count (torchrun sets OMP_NUM_THREADS=1) may differ by one fp16 rounding step in a few values.
 An existing folder is used only if its key equals the requested one field by field; otherwise it is refused.
@@ -49,7 +50,7 @@ from .checkpoint import save_atomic
 from .augment import SeededViews
 from .pipelines import collate
 
-CACHE_FORMAT = 1  # bump when the layout or the per-view seeding changes: old caches then no longer match
+CACHE_FORMAT = 2  # bump when the layout or the per-view seeding changes: old caches then no longer match
 
 
 class CacheError(ValueError):
@@ -73,15 +74,16 @@ class Stored(torch.utils.data.Dataset):
 
 
 @torch.inference_mode()
-def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="encoding"):
+def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="encoding", seed=0, pin_memory=False):
     """Encodes the (view, chunk) pairs in `todo`; chunk c of a view is images [c*chunk, (c+1)*chunk).
 
-    `store(view, chunk_index, features)` receives each chunk's (B, L, D) fp16 NumPy features in order.
+    `store(view, chunk_index, features)` receives each chunk's (B, L, D) fp16 NumPy features in order. View v of
+    image i is SeededViews' item v·N + i under `seed`; `pin_memory` as the run's loader has it (on CUDA).
     """
     n = len(dataset)
     batches = [range(v * n + c * chunk, v * n + min(n, (c + 1) * chunk)) for v, c in todo]
-    loader = torch.utils.data.DataLoader(SeededViews(dataset, views), batch_sampler=batches, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), collate_fn=collate,
+    loader = torch.utils.data.DataLoader(SeededViews(dataset, views, seed), batch_sampler=batches,
+                                         num_workers=workers, pin_memory=pin_memory, collate_fn=collate,
                                          generator=torch.Generator())  # not the process's: items seed themselves
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=None, leave=False) as bar:
         for (v, c), (images, _, _) in zip(todo, loader):
@@ -120,11 +122,12 @@ def transform_description(dataset):
     return None if transform is None else re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
-def cache_key(key, dataset, views):
-    """The caller's key (checkpoint sha256 or `weights_fingerprint`, data, resolution, split, view kind)
-    completed with what fixes the bytes: the image list, the transform, the number of views."""
+def cache_key(key, dataset, views, seed=0):
+    """The caller's key (checkpoint sha256 or `weights_fingerprint`, data, resolution, split, view kind, device
+    and precision) completed with what fixes the bytes: the image list, the transform, the number of views and
+    the seed their augmentations are drawn under."""
     assert key.get("clip_sha256") or key.get("weights"), "a cache key names the CLIP's checkpoint or weights"
-    full = {**key, "views": views, "n_images": len(dataset), "images": images_fingerprint(dataset),
+    full = {**key, "views": views, "seed": seed, "n_images": len(dataset), "images": images_fingerprint(dataset),
             "transform": transform_description(dataset), "format": CACHE_FORMAT}
     return json.loads(json.dumps(full, sort_keys=True))  # JSON-native values, as meta.json gives them back
 
@@ -202,7 +205,7 @@ def open_cache(folder, key, shape_of, chunk):
     return meta, done
 
 
-def cached_features(dataset, encode, batch_size, workers, cache_dir, key):
+def cached_features(dataset, encode, batch_size, workers, cache_dir, key, pin_memory=False):
     """(K, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first.
 
     Under torchrun the ranks share the build: rank r encodes every world-th unfinished chunk and records its
@@ -243,7 +246,8 @@ def cached_features(dataset, encode, batch_size, workers, cache_dir, key):
                     write_done(progress_path, done)
 
                 encode_chunks(dataset, encode, views, chunk, todo[rank::world], workers, store,
-                              desc=f"caching {key.get('split', '')} features")
+                              desc=f"caching {key.get('split', '')} features", seed=key["seed"],
+                              pin_memory=pin_memory)
             distributed.barrier()
             if rank == 0:
                 done = merged_progress(folder, done)
@@ -262,16 +266,17 @@ def merged_progress(folder, done):
     return done
 
 
-def encode_split(dataset, views, encode, batch_size, workers, cache_dir=None, key=None):
-    """`views` encodings of every image of `dataset` (view v of image i augmented under the seed v·N + i), kept
-    in memory or, with `cache_dir`, on disk; a `Stored` dataset of them.
+def encode_split(dataset, views, encode, batch_size, workers, cache_dir=None, key=None, seed=0, pin_memory=False):
+    """`views` encodings of every image of `dataset` (view v of image i augmented as SeededViews' item v·N + i
+    under `seed`), kept in memory or, with `cache_dir`, on disk; a `Stored` dataset of them.
 
-    `key` (a dict of JSON values: clip, clip_sha256 or weights, data, data_root, image_size, split, view) names
-    what the features depend on; the image list, the transform and `views` are added to it here.
+    `key` (a dict of JSON values: clip, clip_sha256 or weights, data, data_root, image_size, split, view, device,
+    precision) names what the features depend on; the image list, the transform, `views` and `seed` are added to
+    it here. `pin_memory`: as the run's own loader (True on CUDA).
     """
     if cache_dir is not None:
         features = cached_features(dataset, encode, batch_size, workers, cache_dir,
-                                   cache_key(key, dataset, views))
+                                   cache_key(key, dataset, views, seed), pin_memory)
     else:
         features = np.empty((views, len(dataset), *feature_shape(dataset, encode)), dtype=np.float16)
 
@@ -279,5 +284,5 @@ def encode_split(dataset, views, encode, batch_size, workers, cache_dir=None, ke
             features[v, c * batch_size: c * batch_size + len(f)] = f
 
         todo = [(v, c) for v in range(views) for c in range(-(-len(dataset) // batch_size))]
-        encode_chunks(dataset, encode, views, batch_size, todo, workers, store)
+        encode_chunks(dataset, encode, views, batch_size, todo, workers, store, seed=seed, pin_memory=pin_memory)
     return Stored(features, dataset.labels)

@@ -69,7 +69,11 @@ def resume_state(out, settings, resume):
     if not os.path.isfile(path):
         return None
     if not resume:
-        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it, or another --out")
+        if os.path.isfile(os.path.join(out, "results.json")):
+            raise CheckpointError(f"{out} already holds a finished run (its results.json); give another --out, or "
+                                  f"delete that folder to train it again")
+        raise CheckpointError(f"{out} already holds an unfinished run; pass --resume to continue it, or another "
+                              f"--out")
     state = load_checkpoint(path)
     diff = settings_mismatch(state["settings"], settings)
     if diff:

@@ -10,7 +10,9 @@ Errors a user can cause are the project's own types (ERRORS); run.py and the ana
 exit with status 2. Anything else is a bug and keeps its traceback.
 """
 import argparse
+import math
 import os
+import tempfile
 
 import torch
 
@@ -34,6 +36,16 @@ ERRORS = (RunError, DataError, CheckpointError, CacheError, HeadError, clip.Down
           clip.NoCheckpoint)  # the user's to fix: one line
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a bad option is one line on stderr (no usage block) and exit status 2; under torchrun
+    only rank 0 prints it (every rank parses the same options)."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2)
+
+
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: ...)" unless the help already tells the default."""
 
@@ -44,7 +56,7 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, formatter_class=Help, description="Train and evaluate one head for "
+    p = Parser(prog=prog, formatter_class=Help, description="Train and evaluate one head for "
                                 "multi-label recognition with partial labels on a frozen CLIP.")
     p.add_argument("--head", choices=sorted(HEADS), default="positive", help="which head to train")
     p.add_argument("--data", choices=["voc", "coco", "folder", "demo"], default="demo", help="dataset (folder: your "
@@ -60,16 +72,22 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 448; demo 224)")
     p.add_argument("--epochs", type=int, default=50, help="training epochs")
     p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step")
-    p.add_argument("--lr-prompt", type=float, default=0.002, help="SGD lr of the prompts' context vectors")
-    p.add_argument("--lr-embedding", type=float, default=1.0, help="SGD lr of the free class embeddings")
-    p.add_argument("--lr-linear", type=float, default=0.01, help="SGD lr of the baseline's projector")
+    p.add_argument("--lr-prompt", type=float, default=None, help="SGD lr of the prompts' context vectors "
+                   f"(default {PAPER_LRS['prompt']:g}, the paper's Sec. 4)")
+    p.add_argument("--lr-embedding", type=float, default=None, help="SGD lr of PositiveCoOp's / NegativeCoOp's "
+                   f"free class embeddings and residuals (default {PAPER_LRS['embedding']:g}, the paper's Sec. 4)")
+    p.add_argument("--lr-linear", type=float, default=None, help="SGD lr of the baseline's projector (default "
+                   f"{PAPER_LRS['linear']:g}, the paper's Sec. 4)")
+    p.add_argument("--lr", type=float, default=None, help="the learning rates as the authors' train.py sets them "
+                   "from its --lr: LR for the free embeddings, LR x 0.01 for the context vectors and the baseline's "
+                   "projector (instead of the three above; their yaml's default is 0.002)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="SGD weight decay (PositiveCoOp's code uses 0, DualCoOp's 5e-4)")
     p.add_argument("--loss-weight", type=float, default=None,
-                   help="multiplies the summed loss (the authors' loss_w; default: 0.03 · 0.5 / the fraction of "
-                   "training labels known, which is their 0.03 at 50%% and keeps the loss's scale at other "
-                   "fractions; give a number to fix it)")
+                   help="multiplies the summed loss (the authors' loss_w: 1.0 in their opts.py, 0.03 in their "
+                   "READMEs' examples; default: clipmlr's rule 0.03 · 0.5 / the fraction of training labels known, "
+                   "0.03 at 50%%, 0.15 at 10%%; give a number to fix it)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at the constant --warmup-lr")
     p.add_argument("--warmup-lr", type=float, default=0.005, help="lr of every group during warm-up")
     p.add_argument("--n-ctx", type=int, default=16, help="learned context tokens per prompt")
@@ -83,8 +101,8 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--pipeline", choices=["auto", "pil", "tensor", "device"], default="auto", help="image "
                    "pipeline: pil (the authors': PIL images in the workers), tensor (uint8 tensors in the workers, "
                    "the same policy and draws on torchvision's tensor kernels) or device (the workers read bytes; "
-                   "decoding and augmentation run in batches on --device, the GPU's input path); auto: device on "
-                   "CUDA, pil on the CPU")
+                   "decoding and augmentation run in batches on --device: the GPU's input path, not yet run on a "
+                   "GPU); auto: pil, on the CPU and on CUDA")
     p.add_argument("--randaugment", choices=["authors", "torchvision"], default="authors",
                    help="RandAugment policy: the authors' (2 of 15 operations, each p=0.5, magnitude 1-9 drawn each "
                    "time) or torchvision's (2 of 14, always applied, fixed magnitude 9)")
@@ -100,7 +118,8 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--cache-dir", default="cache", help="where --cache-features stores the encoded features")
     p.add_argument("--demo-images", type=int, default=256, help="demo training images (the test split has half)")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: last epoch only)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the label mask, the head's init and the data order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label mask, the head's init, the data order "
+                   "and the augmentations (0 or more)")
     p.add_argument("--out", default=None, help="output folder (default runs/<data>-<head>-<labels>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out (a run "
                    "with no checkpoint yet starts at epoch 1, keeping any feature cache it had begun)")
@@ -109,20 +128,9 @@ def parse_args(argv=None, prog=None):
                    "epoch (default: the CPU cores this process may use, shared among torchrun's processes, at most "
                    "16)")
     args = p.parse_args(argv)
-    if not 0 < args.labels <= 1:
-        p.error(f"--labels {args.labels} is outside (0, 1]: give the fraction of training labels to keep, "
-                f"e.g. --labels 0.1 for 10%")
-    for name in ("epochs", "batch_size", "cache_views", "n_ctx", "image_size", "demo_images"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} {value} must be at least 1")
-    if args.image_size is not None and args.image_size < 32:
-        p.error(f"--image-size {args.image_size} is below 32: the image encoder downsamples by 32, so give at "
-                f"least 32 (the paper: 448)")
+    check_values(p, args)
     if args.workers is None:
         args.workers = default_workers()
-    if args.workers < 0:
-        p.error(f"--workers {args.workers} must be 0 (load in the main process) or more")
     if args.clip and args.clip not in clip.available_models() and not os.path.isfile(args.clip):
         p.error(f"--clip {args.clip}: no such file, and not one of the model names {clip.available_models()}")
     demo = args.data == "demo"
@@ -142,9 +150,83 @@ def parse_args(argv=None, prog=None):
         p.error(f"--device {args.device}: not a device; give auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here; use --device cpu (or auto)")
-    if args.pipeline == "auto":  # on a GPU its own decoder and kernels keep up with the encoder; CPU workers don't
-        args.pipeline = "device" if device.type == "cuda" else "pil"
+    if args.pipeline == "auto":  # the device pipeline becomes auto's choice on CUDA once it has run on a GPU
+        args.pipeline = "pil"
+    lrs = authors_lrs(args.lr) if args.lr is not None else PAPER_LRS
+    args.lr_prompt, args.lr_embedding, args.lr_linear = (lrs[k] if v is None else v for k, v in (
+        ("prompt", args.lr_prompt), ("embedding", args.lr_embedding), ("linear", args.lr_linear)))
     return args
+
+
+PAPER_LRS = {"prompt": 0.002, "embedding": 1.0, "linear": 0.01}  # the paper's Sec. 4
+
+
+def authors_lrs(lr):
+    """The learning rates the authors' train.py (PositiveCoOp, NegativeCoOp, baseline) derives from its --lr:
+    the context vectors' group `lr * 0.01`, the free embeddings' group `lr`; the baseline's projector `lr * 0.01`."""
+    return {"prompt": lr * 0.01, "embedding": lr, "linear": lr * 0.01}
+
+
+# the options that only some heads use: given to another head they would do nothing, and are refused
+USED_BY = {"n_ctx": ("dual", "positive", "negative"), "shared_context": ("dual", "positive", "negative"),
+           "absence_weights": ("dual", "positive", "negative"), "no_residual": ("positive", "negative"),
+           "lr_prompt": ("dual", "positive", "negative"), "lr_embedding": ("positive", "negative"),
+           "lr_linear": ("baseline",)}
+
+
+def check_values(p, args):
+    """p.error (one line, exit 2) for a value out of range, or an option that does nothing for --head."""
+    if not 0 < args.labels <= 1:
+        p.error(f"--labels {args.labels} is outside (0, 1]: give the fraction of training labels to keep, "
+                f"e.g. --labels 0.1 for 10%")
+    for name in ("epochs", "batch_size", "cache_views", "n_ctx", "image_size", "demo_images"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} {value} must be at least 1")
+    for name in ("eval_every", "warmup_epochs", "seed", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            p.error(f"--{name.replace('_', '-')} {value} must be 0 or more")
+    for name, low, strict in (("lr_prompt", 0, False), ("lr_embedding", 0, False), ("lr_linear", 0, False),
+                              ("lr", 0, True), ("loss_weight", 0, True), ("warmup_lr", 0, False),
+                              ("weight_decay", 0, False), ("momentum", 0, False)):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
+            p.error(f"--{name.replace('_', '-')} {value} must be a finite number {'>' if strict else '>='} {low:g}")
+    if args.momentum >= 1:
+        p.error(f"--momentum {args.momentum} must be below 1 (SGD diverges at 1 and above)")
+    if args.image_size is not None and args.image_size < 32:
+        p.error(f"--image-size {args.image_size} is below 32: the image encoder downsamples by 32, so give at "
+                f"least 32 (the paper: 448)")
+    given = [name for name in ("lr_prompt", "lr_embedding", "lr_linear") if getattr(args, name) is not None]
+    if args.lr is not None and given:
+        p.error(f"--lr sets every learning rate as the authors' train.py does; give it or "
+                f"--{given[0].replace('_', '-')}, not both")
+    for name, heads in USED_BY.items():
+        if args.head not in heads and getattr(args, name) != p.get_default(name):
+            p.error(f"--{name.replace('_', '-')} does nothing for --head {args.head} (only for "
+                    f"{', '.join(heads)}); leave it out")
+
+
+def head_argv(argv, head):
+    """`argv` (run.py options) without those that do nothing for `head` (USED_BY), so that a sweep over all four
+    heads can pass, e.g., --no-residual or --n-ctx 8 to the heads that use it."""
+    flags = {"--" + name.replace("_", "-"): name for name, heads in USED_BY.items() if head not in heads}
+    takes_value = {"--n-ctx", "--absence-weights", "--lr-prompt", "--lr-embedding", "--lr-linear"}
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = arg in takes_value
+        elif arg.split("=")[0] not in flags:
+            out.append(arg)
+    return out
+
+
+def plural(n, noun):
+    """'1 image', '2 images'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def default_workers(cap=16):
@@ -164,15 +246,21 @@ def settings_of(args):
 
 
 def check_writable(path, option):
-    """Raises RunError unless the folder `path` exists and is writable, or could be created; creates nothing."""
+    """Raises RunError unless the folder `path` exists and is writable, or could be created; leaves nothing
+    behind. Writability is tried (a temporary file in the deepest existing folder), not read off the permission
+    bits, which say yes for root and for /proc."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise RunError(f"{option} {path}: {existing} is a file, not a folder, so {path} cannot be created; "
                        f"give another {option}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"{option} {path}: the folder {existing} is not writable; give a folder you may write to")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise RunError(f"{option} {path}: the folder {existing} is not writable ({e.strerror}); give a folder you "
+                       f"may write to") from None
 
 
 def load_data(args, say=print):
@@ -238,7 +326,8 @@ def test_split(args, test, test_y, model, clip_info, batch_size):
     test_set = ImageDataset(test, test_y, image_pipeline(args.image_size, False, pipeline=args.pipeline))
     if args.cache_features:
         key = {**feature_key(args, clip_info, model), "split": "test", "view": "plain"}
-        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key)
+        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key,
+                                pin_memory=device.type == "cuda")
     loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size, collate_fn=collate,
                                          num_workers=0 if args.cache_features else args.workers)
     if args.cache_features:
@@ -261,9 +350,12 @@ def settings_argv(settings):
 
 
 def feature_key(args, clip_info, model):
-    """What stored features depend on, besides the split and view (the cache refuses any mismatch)."""
+    """What stored features depend on, besides the split, view and seed (the cache refuses any mismatch): also
+    the device type and precision they were computed in (bf16 autocast on CUDA, fp32 on the CPU; `encoder`)."""
+    device = torch.device(args.device).type
     key = {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
-           "image_size": args.image_size, "data_root": None if args.data == "demo" else os.path.abspath(args.data_root)}
+           "image_size": args.image_size, "data_root": None if args.data == "demo" else os.path.abspath(args.data_root),
+           "device": device, "precision": "bf16 autocast" if device == "cuda" else "fp32"}
     if clip_info["sha256"] is None:  # an unsaved model (the demo's): named by its weights
         key["weights"] = weights_fingerprint(model)
     return key

@@ -32,13 +32,7 @@ class Prompts(nn.Module):
         width = clip_model.token_embedding.weight.shape[1]
         shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
         self.ctx = nn.Parameter(torch.randn(shape) * 0.02)  # N(0, 0.02²), CoOp's initialisation
-        # "X" placeholders reserve one token each for the learned vectors
-        try:
-            ids = tokenize([" ".join(["X"] * n_ctx) + f" {name}." for name in classnames],
-                           context_length=clip_model.context_length)  # (C, T)
-        except ValueError as e:  # the tokenizer's word for a prompt over the context length
-            raise HeadError(f"{n_ctx} context tokens and a class name do not fit the text encoder's "
-                            f"{clip_model.context_length} tokens ({e}); use fewer context tokens") from None
+        ids = prompt_tokens(classnames, n_ctx, clip_model.context_length)  # (C, T)
         eot = ids.argmax(dim=-1)
         ids = ids[:, : int(eot.max()) + 1]  # nothing after the last EOT changes any EOT feature
         with torch.no_grad():
@@ -53,21 +47,45 @@ class Prompts(nn.Module):
         return torch.cat([self.prefix, ctx, self.suffix], dim=1)  # (C, 1+X+rest, W)
 
     def forward(self, clip_model):
-        return clip_model.encode_embedded(self.embeddings(), self.eot)  # (C, D)
+        # already cut after the last EOT: truncate=False spares the host-device sync of finding it again
+        return clip_model.encode_embedded(self.embeddings(), self.eot, truncate=False)  # (C, D)
+
+
+def prompt_tokens(classnames, n_ctx, context_length=77):
+    """(C, T) token ids of the prompts "X X ... X <name>." ("X" placeholders reserve one token each for the learned
+    vectors); HeadError when the longest does not fit the text encoder's context (77 tokens for OpenAI's CLIPs)."""
+    prompts = [" ".join(["X"] * n_ctx) + f" {name}." for name in classnames]
+    lengths = tokenize(prompts, context_length=n_ctx + 1000).argmax(dim=-1) + 1  # (C,) to the EOT, inclusive
+    need, c = int(lengths.max()), int(lengths.argmax())
+    if need > context_length:
+        raise HeadError(f"--n-ctx {n_ctx}: the prompt of {classnames[c]!r} needs {need} tokens, over the text "
+                        f"encoder's {context_length}; give --n-ctx {n_ctx - (need - context_length)} or less")
+    return tokenize(prompts, context_length=context_length)
+
+
+class Frozen:
+    """A module that a head uses but does not own. Not an nn.Module attribute, so it is none of the head's
+    submodules: `head.train()` never puts it in training mode (a frozen CLIP's BatchNorm statistics would then
+    move with every batch), `head.parameters()` and `head.state_dict()` leave its weights out (they are CLIP's,
+    saved by OpenAI, not the head's), and DDP or an optimizer never see them. It is kept in eval mode, without
+    gradients."""
+
+    def __init__(self, module):
+        self.module = module.eval().requires_grad_(False)
 
 
 class Head(nn.Module):
-    """Shared plumbing: a frozen CLIP held outside the parameters and the state dict, and the spatial weights
-    of the absence side (see `prompt_logits`)."""
+    """Shared plumbing: a frozen CLIP that is not the head's (see Frozen), and the spatial weights of the
+    absence side (see `prompt_logits`)."""
 
     def __init__(self, clip_model, absence_weights="presence"):
         super().__init__()
-        self._clip = [clip_model]  # a list hides it from nn.Module: its weights are CLIP's, not the head's
+        self.frozen = Frozen(clip_model)
         self.absence_weights = absence_weights
 
     @property
     def clip(self):
-        return self._clip[0]
+        return self.frozen.module
 
     def class_embeddings(self):
         """(presence (C, D), absence (C, D)) embeddings; fixed between optimizer steps, so evaluation can

@@ -24,10 +24,13 @@ def margins_of(head, loader, features_of):
 
     `features_of(batch)` gives the (B, L, D) features of a batch; the class embeddings are computed once.
     """
+    mode = head.training
     head.eval()
-    embeddings = head.class_embeddings()
-    out = [margin(head.logits(features_of(batch), embeddings)).float().cpu() for batch, _, _ in loader]  # (B, C)
-    head.train()
+    try:
+        embeddings = head.class_embeddings()
+        out = [margin(head.logits(features_of(batch), embeddings)).float().cpu() for batch, _, _ in loader]  # (B, C)
+    finally:
+        head.train(mode)  # the mode it was found in
     return torch.cat(out) if out else torch.empty(0, 0)
 
 

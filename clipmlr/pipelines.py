@@ -17,6 +17,7 @@ Pixel values differ slightly between PIL and tensors (an antialiased tensor resi
 the CPU and CUDA (nvJPEG and the GPU's kernels round differently); the policy and its draws are the same.
 """
 import contextlib
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +27,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode
 from torchvision.transforms import functional as TF
 
-from .augment import MEAN, RANDAUGMENT, STD, Cutout, image_transform, seeded
+from .augment import MEAN, RANDAUGMENT, STD, Cutout, active_seed, image_transform, seeded
 from .data import DataError
 
 
@@ -82,8 +83,8 @@ class TensorPipeline(T.Compose):
 class Raw(NamedTuple):
     """One image as a worker of the device pipeline hands it over: the file's bytes, or an in-memory image as a
     uint8 (3, H, W) array (plain Python/NumPy data: it crosses from the worker as a copy, not as one shared-memory
-    file per image); the seed in force when it was read (SeededViews' (epoch, image) seed), under which its
-    augmentation is drawn later; its name for errors; and the pipeline that turns it into pixels."""
+    file per image); the seed of the SeededViews item it was read for (None without augmentation), under which
+    its augmentation is drawn later; its name for errors; and the pipeline that turns it into pixels."""
     data: "bytes | numpy.ndarray"
     seed: int
     name: str
@@ -107,9 +108,14 @@ class DevicePipeline:
         self.steps, self.train = steps, train  # steps: uint8 (3, H, W) -> uint8 (3, S, S)
 
     def __call__(self, image):
+        seed = active_seed()  # the item's own seed, under which its augmentation is drawn later, on the device
+        if self.train and seed is None:
+            raise RuntimeError("the device pipeline augments each image later, under the seed of the item it was "
+                               "read for: read the dataset through augment.SeededViews (as run.py and the feature "
+                               "cache do), or use the pil or tensor pipeline, which draw as they read")
         if isinstance(image, str):
-            return Raw(read_bytes(image), torch.initial_seed(), image, self)
-        return Raw(ToUint8()(image).numpy(), torch.initial_seed(), "an in-memory image", self)
+            return Raw(read_bytes(image), seed, image, self)
+        return Raw(ToUint8()(image).numpy(), seed, "an in-memory image", self)
 
     def __repr__(self):
         return f"DevicePipeline(decode on the device, then {self.steps}, then normalise)"
@@ -185,12 +191,18 @@ def normalisation(device):
     return CONSTANTS[device]
 
 
-GPU_FAILURES = tuple(getattr(torch, n) for n in ("OutOfMemoryError", "AcceleratorError") if hasattr(torch, n))
+# What torchvision's batched JPEG decoder says when it refuses the images themselves (its CUDA decoder,
+# torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp); the batch is then decoded on the CPU. Any other failure
+# (nvJPEG that cannot start, CUDA out of memory, a failed stream) is the GPU's and is raised.
+IMAGE_REFUSALS = ("Failed to get image info", "Unknown chroma subsampling", "Failed to parse jpeg stream",
+                  "Failed to decode jpeg stream", "Failed to decode batch", "Expected a non empty")
+CPU_FALLBACKS = {"batches": 0, "images": 0}  # batches the device's decoder refused, in this process
 
 
 def decode_on(device, raws):
     """The Raw images as uint8 (3, H, W) tensors on `device`: the JPEGs decoded in one call there (nvJPEG on
-    CUDA), anything else, or a JPEG that call cannot take, on the CPU and moved; DataError naming a bad file."""
+    CUDA), anything else, or JPEGs that call refuses, on the CPU and moved (counted, and announced on stderr);
+    DataError naming a bad file."""
     files = [byte_tensor(r.data) if isinstance(r.data, bytes) else None for r in raws]
     images = [torch.from_numpy(r.data) if f is None else None for r, f in zip(raws, files)]
     jpegs = [i for i, r in enumerate(raws) if isinstance(r.data, bytes) and r.data[:3] == b"\xff\xd8\xff"]
@@ -199,16 +211,28 @@ def decode_on(device, raws):
             torch.cuda.current_stream(device).synchronize()
         try:  # (torchvision 0.29 deprecates its decoders for torchcodec: a DeprecationWarning, hidden by default)
             decoded = torchvision.io.decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError as e:  # the call decodes all or nothing: the images one by one on the CPU below
-            if isinstance(e, GPU_FAILURES) or "CUDA error" in str(e):
-                raise  # the GPU itself failed (out of memory, ...): not a matter of these images
-            decoded = [None] * len(jpegs)
+        except RuntimeError as e:  # the call decodes all or nothing
+            if not any(refusal in str(e) for refusal in IMAGE_REFUSALS):
+                raise  # the GPU itself failed (out of memory, no decoder, ...): not a matter of these images
+            decoded = [None] * len(jpegs)  # decoded one by one on the CPU below
+            announce_fallback(len(jpegs), device, e)
         for i, image in zip(jpegs, decoded):
             images[i] = image
     for i, raw in enumerate(raws):
         if images[i] is None:
             images[i] = decode_tensor(files[i], raw.name)
     return [image.to(device, non_blocking=True) for image in images]
+
+
+def announce_fallback(n, device, error):
+    """Counts a batch of `n` JPEGs that the device's decoder refused; says so the 1st, 2nd, 4th, 8th, ... time."""
+    CPU_FALLBACKS["batches"] += 1
+    CPU_FALLBACKS["images"] += n
+    count = CPU_FALLBACKS["batches"]
+    if count & (count - 1) == 0:
+        reason = str(error).strip().splitlines()[0][:200]
+        print(f"note: the JPEG decoder on {device} refused {count} batch(es) so far ({CPU_FALLBACKS['images']} "
+              f"images), decoded on one CPU thread instead; latest reason: {reason}", file=sys.stderr)
 
 
 def collate(batch):

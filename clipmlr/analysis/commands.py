@@ -10,7 +10,6 @@ Options a subcommand does not list are run.py's (--data, --clip, --epochs, --ima
 live in clipmlr/cli.py, shared by both) and mean what they mean there; the sweep passes them to every run.
 Outputs go under runs/analysis/ unless --out says otherwise; every command prints where it wrote them.
 """
-import argparse
 import json
 import os
 import sys
@@ -112,7 +111,8 @@ def cmd_sweep(opts, extras):
                          ("--cache-features", "--protocol cached"), ("--no-cache-features", "--protocol paper")):
         if any(a == own or a.startswith(own + "=") for a in extras):
             raise AnalysisError(f"the sweep sets {own} for each run itself; give {instead}")
-    args = cli.parse_args(extras, prog="python -m clipmlr.analysis sweep")
+    for head in opts.heads:  # each head's options as its runs will get them (without those it does not use)
+        args = cli.parse_args(cli.head_argv(extras, head) + ["--head", head], prog="python -m clipmlr.analysis sweep")
     out = opts.out or os.path.join("runs", "analysis", f"sweep-{args.data}")
     check_folders(out, args)
     results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out, opts.run_script, opts.protocol)
@@ -269,8 +269,8 @@ def cmd_maps(opts, extras):
 
 def parse_args(argv=None):
     """(the analysis' own options, the rest for run.py)."""
-    p = argparse.ArgumentParser(prog="python -m clipmlr.analysis", description=__doc__.split("\n\n")[0],
-                                epilog="Any other option is run.py's (see python run.py --help).", allow_abbrev=False)
+    p = cli.Parser(prog="python -m clipmlr.analysis", description=__doc__.split("\n\n")[0],
+                   epilog="Any other option is run.py's (see python run.py --help).", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sweep", allow_abbrev=False, help="train heads x label proportions x seeds; table and plot")
     s.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=["baseline", "dual", "positive", "negative"],

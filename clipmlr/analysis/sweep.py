@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from ..checkpoint import settings_mismatch
-from ..cli import parse_args, settings_of
+from ..cli import head_argv, parse_args, settings_of
 from .plots import colour_of, line_plot
 
 PROPORTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -90,14 +90,14 @@ def run_sweep(heads, proportions, seeds, run_argv, out, script=None, protocol="c
     protocol: "cached" (features encoded once, V views) or "paper" (encoder in the loop).
     """
     script = find_run_script(script)
-    base = parse_args(list(run_argv))
+    base = parse_args(head_argv(list(run_argv), heads[0]) + ["--head", heads[0]])
     run_argv = list(run_argv) + PROTOCOLS[protocol]
     results = []
     for head in heads:
         for labels in proportions:
             for seed in seeds:
                 folder = run_folder(out, base.data, head, labels, seed)
-                argv = run_argv + ["--head", head, "--labels", str(labels), "--seed", str(seed), "--out", folder]
+                argv = head_argv(run_argv, head) + ["--head", head, "--labels", str(labels), "--seed", str(seed), "--out", folder]
                 results.append(train_or_reuse(script, argv, folder,
                                               f"sweep: training {head}, labels {labels:g}, seed {seed}"))
     return results

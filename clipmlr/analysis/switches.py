@@ -1,7 +1,8 @@
 """The choices where the paper, the authors' code and clipmlr differ, switched one at a time on one setting.
 
-Each row trains the same head on the same data and labels with one run.py option changed from the defaults (which
-follow the authors' code), each in a process of its own (see sweep.train), and reports the mAP beside the
+Each row trains the same head on the same data and labels with one run.py option changed from the defaults (the
+paper's learning rates, the authors' code in the other choices, clipmlr's loss-weight rule; README.md says which
+default comes from where), each in a process of its own (see sweep.train), and reports the mAP beside the
 defaults'. On the demo's random miniature CLIP the numbers only show which choices move the result there; they
 say nothing about the paper.
 """
@@ -11,10 +12,13 @@ from ..cli import parse_args
 from . import sweep
 
 SWITCHES = [  # (what the row changes, run.py options); the first row is the defaults
-    ("defaults (the authors' code)", []),
+    ("defaults (the paper's learning rates, the authors' code elsewhere, clipmlr's loss weight)", []),
     ("absence side weighted by its own softmax (the paper's Sec. 3.1)", ["--absence-weights", "own"]),
     ("no residual on the prompt's text feature (the paper's description)", ["--no-residual"]),
-    ("loss weight fixed at 0.03 (not scaled by the labels known)", ["--loss-weight", "0.03"]),
+    ("learning rates as the authors' train.py sets them from --lr 0.2 (prompts 0.002, embeddings 0.2)",
+     ["--lr", "0.2"]),
+    ("loss weight fixed at 0.03 (the authors' READMEs' examples)", ["--loss-weight", "0.03"]),
+    ("loss weight 1 (the authors' opts.py default)", ["--loss-weight", "1"]),
     ("one context shared by all classes (DualCoOp's default)", ["--shared-context"]),
     ("torchvision's RandAugment policy", ["--randaugment", "torchvision"]),
     ("warm-up lr 1e-5 (DualCoOp's config)", ["--warmup-lr", "1e-5"]),
