@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from clipmlr.analysis.templates import COCO_CLASSES
+from clipmlr import distributed
 from clipmlr.cache import encode_split, weights_fingerprint
 from clipmlr.cli import default_workers as cli_workers, encoder
 from clipmlr.clip.model import CLIP
@@ -368,7 +369,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = distributed.use_device(args.device)  # cuda:N made current, as run.py does
     if args.threads or (args.quick and device.type == "cpu"):
         torch.set_num_threads(args.threads or 1)
     gpu, quick = device.type == "cuda", args.quick

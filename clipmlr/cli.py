@@ -153,8 +153,10 @@ def parse_args(argv=None, prog=None):
     if args.pipeline == "auto":  # the device pipeline becomes auto's choice on CUDA once it has run on a GPU
         args.pipeline = "pil"
     lrs = authors_lrs(args.lr) if args.lr is not None else PAPER_LRS
-    args.lr_prompt, args.lr_embedding, args.lr_linear = (lrs[k] if v is None else v for k, v in (
-        ("prompt", args.lr_prompt), ("embedding", args.lr_embedding), ("linear", args.lr_linear)))
+    for group in lrs:  # the head's own groups; None (recorded as such) for those it does not have
+        name = f"lr_{group}"
+        used = args.head in USED_BY[name]
+        setattr(args, name, (lrs[group] if getattr(args, name) is None else getattr(args, name)) if used else None)
     return args
 
 
@@ -346,7 +348,7 @@ def settings_argv(settings):
             argv += [flag] if value else []
         elif value is not None:
             argv += [flag, str(value)]
-    return argv
+    return head_argv(argv, settings["head"]) if "head" in settings else argv  # a head's own options only
 
 
 def feature_key(args, clip_info, model):

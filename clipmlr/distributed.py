@@ -13,17 +13,24 @@ def setup(device):
     """(rank, world size, device): joins the process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        device = torch.device(device)
-        if device.type == "cuda":  # made current, so that the DataLoader's pin-memory thread works on it too
-            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
-            torch.cuda.set_device(device)
-        return 0, 1, device
+        return 0, 1, use_device(device)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return rank, world, torch.device(device)
+
+
+def use_device(name):
+    """torch.device(name) for one process: "cuda" becomes cuda:<current>, and a CUDA device is made the
+    current one, so that what runs on "the" CUDA device (the DataLoader's pin-memory thread) uses it too; cpu
+    as it is."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    return device
 
 
 def cleanup():
