@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from clipmlr.augment import EpochSampler, SeededViews
 from clipmlr.data import ImageDataset, check_decodable, mask_labels
-from clipmlr.heads import build_head, count_trainable, parameter_groups, prompt_tokens
+from clipmlr.heads import build_head, count_trainable, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
 from clipmlr.metrics import average_precision, margins_of
 from clipmlr import cache, checkpoint, cli, distributed, pipelines  # the layers
@@ -75,8 +75,6 @@ def run(args):
     if known == 0:
         raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
                            f"give a larger --labels")
-    if args.head != "baseline":  # a prompt over the text encoder's 77 tokens fails now, not after loading CLIP
-        prompt_tokens(classnames, args.n_ctx)
     loss_weight = loss_weight_rule(known) if args.loss_weight is None else args.loss_weight  # 0.03 at 50% of labels
     no_ap = [n for n, has in zip(classnames, (test_y == 1).any(dim=0).tolist()) if not has]
     if no_ap:

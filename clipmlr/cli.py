@@ -24,7 +24,7 @@ from .data import DataError, ImageDataset, load_coco, load_voc
 from .folder import load_folder
 from .demo import DEMO_CLASSES, demo_split, tiny_clip
 from .download import download_coco, download_voc
-from .heads import HEADS, HeadError
+from .heads import HEADS, HeadError, prompt_tokens
 from .pipelines import collate, image_pipeline
 
 
@@ -272,19 +272,22 @@ def load_data(args, say=print):
         say(f"generating the demo images ({args.demo_images} training, {max(1, args.demo_images // 2)} test)")
         train, train_y = demo_split(args.demo_images, 0, args.image_size)
         test, test_y = demo_split(max(1, args.demo_images // 2), 0, args.image_size, offset=10**6)
-        return train, train_y, test, test_y, list(DEMO_CLASSES)
-    if args.download:
-        (download_voc if args.data == "voc" else download_coco)(args.data_root)
-    say(f"reading the {args.data} labels in {args.data_root}")
-    if args.data == "voc":
-        train, train_y, names = load_voc(args.data_root, "trainval", args.voc_difficult)
-        test, test_y, _ = load_voc(args.data_root, "test", args.voc_difficult)
-    elif args.data == "folder":
-        train, train_y, names = load_folder(args.data_root, "train")
-        test, test_y, _ = load_folder(args.data_root, "test", names)
+        names = list(DEMO_CLASSES)
     else:
-        train, train_y, names = load_coco(args.data_root, "train2014")
-        test, test_y, _ = load_coco(args.data_root, "val2014")
+        if args.download:
+            (download_voc if args.data == "voc" else download_coco)(args.data_root)
+        say(f"reading the {args.data} labels in {args.data_root}")
+        if args.data == "voc":
+            train, train_y, names = load_voc(args.data_root, "trainval", args.voc_difficult)
+            test, test_y, _ = load_voc(args.data_root, "test", args.voc_difficult)
+        elif args.data == "folder":
+            train, train_y, names = load_folder(args.data_root, "train")
+            test, test_y, _ = load_folder(args.data_root, "test", names)
+        else:
+            train, train_y, names = load_coco(args.data_root, "train2014")
+            test, test_y, _ = load_coco(args.data_root, "val2014")
+    if args.head != "baseline":  # a prompt over the text encoder's 77 tokens fails now, not after loading CLIP
+        prompt_tokens(names, args.n_ctx)
     return train, train_y, test, test_y, names
 
 

@@ -26,11 +26,9 @@ def margins_of(head, loader, features_of):
     """
     mode = head.training
     head.eval()
-    try:
-        embeddings = head.class_embeddings()
-        out = [margin(head.logits(features_of(batch), embeddings)).float().cpu() for batch, _, _ in loader]  # (B, C)
-    finally:
-        head.train(mode)  # the mode it was found in
+    embeddings = head.class_embeddings()
+    out = [margin(head.logits(features_of(batch), embeddings)).float().cpu() for batch, _, _ in loader]  # (B, C)
+    head.train(mode)  # the mode it was found in
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
