@@ -5,7 +5,8 @@ run on PIL images there). Three pipelines run them, chosen by run.py's --pipelin
     tensor   each worker decodes straight into a uint8 tensor (torchvision.io) and runs the same steps, with the
              same random draws, on torchvision's tensor kernels
     device   each worker only reads a file's bytes; the training process decodes the whole batch on the device
-             (nvJPEG on CUDA) and runs the tensor steps there: the GPU's input path, run.py's default on CUDA.
+             (nvJPEG on CUDA) and runs the tensor steps there: the GPU's input path (not yet run on a GPU, so
+             not a default).
              On CUDA this happens in the DataLoader's pin-memory thread, on a CUDA stream of its own, while the
              main stream encodes the batch before (RawBatch.pin_memory)
 
@@ -92,7 +93,7 @@ class Raw(NamedTuple):
 
 
 class DevicePipeline:
-    """The pipeline that runs on the training device (`pipeline="device"`; run.py's default on CUDA).
+    """The pipeline that runs on the training device (`pipeline="device"`, run.py's --pipeline device).
 
     A DataLoader worker only reads each file's bytes (a Raw). On the device, a whole batch is decoded in one call
     (nvJPEG on CUDA; PNGs and other formats on the CPU, then moved), and each image is resized, cut out and
