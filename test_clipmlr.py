@@ -2412,7 +2412,8 @@ def test_start_up_says_what_it_is_doing(tmp_path):
 
 
 CORE = {"aggregation", "heads", "loss", "metrics", "data", "augment"}
-LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis", "folder", "predict", "pipelines"}
+LAYERS = {"cli", "cache", "checkpoint", "distributed", "download", "demo", "analysis", "folder", "predict", "pipelines",
+          "pretrain"}
 
 
 def _imports(path):
@@ -3659,3 +3660,59 @@ def test_a_runs_settings_give_back_its_options_for_every_head(head):
     again = cli.parse_args(cli.settings_argv(cli.settings_of(args)))
     assert cli.settings_of(again) == cli.settings_of(args)
     assert again.lr_embedding == (0.3 if head in ("positive", "negative") else None)  # None: no such group
+
+
+# ------------------------------------------------------------------ pretraining the demo's miniature CLIP
+
+
+def test_scene_captions_name_only_shapes_that_are_present():
+    """The paper's premise in the scenes: a caption names shapes that are in the image, leaves some out (web
+    captions are incomplete) and never says what is absent; colour says nothing about the shape."""
+    from clipmlr.demo import SCENE_CLASSES, scene
+    left_out, colours = 0, {}
+    for i in range(300):
+        image, labels, caption = scene(i, 1, 64)
+        words = set(re.findall(r"[a-z]+", caption))
+        named = {c for c in SCENE_CLASSES if c in words}
+        present = {c for c, y in zip(SCENE_CLASSES, labels.tolist()) if y}
+        assert named and named <= present and "not" not in words and "no" not in words, (caption, present)
+        left_out += len(present - named)
+    assert left_out > 30  # about a quarter of the shapes present go unnamed
+    assert scene(5, 1, 64)[2] == scene(5, 1, 64)[2] and scene(5, 1, 64)[2] != scene(5, 0, 64)[2] or \
+        scene(6, 1, 64)[2] != scene(6, 0, 64)[2]
+
+
+def test_pretraining_is_deterministic_lowers_the_loss_and_saves_openais_format(tmp_path):
+    """A few steps of the contrastive pretraining: the same losses and weights twice (same threads), a loss
+    that falls, and a checkpoint in OpenAI's key names and fp16 that clip.load reads back, its sha256 that of
+    the file."""
+    from clipmlr import pretrain
+    first, losses = pretrain.pretrain(steps=8, batch_size=16, size=64, progress=False)
+    again, losses_again = pretrain.pretrain(steps=8, batch_size=16, size=64, progress=False)
+    assert losses == losses_again
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    images, captions = pretrain.scene_batch(0, 16, 64)  # the first step's scenes, before and after training
+    with torch.no_grad():
+        before = pretrain.contrastive_loss(pretrain.initial_model(64).eval(), images, tokenize(captions)).item()
+        after = pretrain.contrastive_loss(first, images, tokenize(captions)).item()
+    assert after < before - 0.1, (before, after)
+    path = tmp_path / "mini.pt"
+    sha = pretrain.save_openai_format(first, str(path))
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == set(first.state_dict()) and saved["visual.conv1.weight"].dtype == torch.float16
+    model, loaded_sha = clip.load(str(path))
+    assert loaded_sha == sha
+    ids = tokenize(["a photo of a star.", "a ring and a dot."])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(ids), first.half().float().encode_text(ids), rtol=0, atol=1e-5)
+
+
+def test_pretrain_command_refuses_bad_options_in_one_line(capsys):
+    from clipmlr import pretrain
+    for argv, words in ((["--steps", "0"], "--steps 0 must be at least 1"), (["--image-size", "100"], "multiple of 32"),
+                        (["--lr", "nan"], "--lr nan must be a finite number > 0")):
+        with pytest.raises(SystemExit) as stop:
+            pretrain.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and words in err, err
