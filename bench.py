@@ -24,6 +24,8 @@ On CUDA the image encoder runs under bf16 autocast with channels_last, as run.py
 step is also timed with the head under bf16 autocast. Without --quick, a CPU run takes a few minutes.
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -198,6 +200,35 @@ def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
         s_cached = min(epoch(stored, True) for _ in range(3))
     return {"images": n, "size": size, "views": views, "batch": batch, "workers": workers, "s_in_loop": s_in_loop,
             "s_cached": s_cached, "s_build": s_build, "s_open_cache": s_open, "speedup": s_in_loop / s_cached}
+
+
+def bench_pretrain(steps=3, batch=128, size=96):
+    """The demo CLIP's pretraining (python -m clipmlr.pretrain): seconds per step of `batch` scenes at `size` px,
+    scene generation included, and the whole default run projected from it."""
+    import inspect
+    from clipmlr import pretrain
+    pretrain.pretrain(1, batch, size, progress=False)  # warm-up
+    t0 = time.perf_counter()
+    pretrain.pretrain(steps, batch, size, progress=False)
+    per_step = (time.perf_counter() - t0) / steps
+    default_steps = inspect.signature(pretrain.pretrain).parameters["steps"].default
+    return {"s_per_step": per_step, "batch": batch, "size": size, "steps": default_steps,
+            "s_total": per_step * default_steps}
+
+
+def bench_demo_runs():
+    """`python run.py --data demo` as a newcomer runs it (the demo's defaults, in-process): the first run (the
+    feature cache built) and a later one (the cache reused), in seconds."""
+    import run  # bench.py sits beside run.py
+    with tempfile.TemporaryDirectory() as tmp:
+        times = []
+        for i in range(2):
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                assert run.main(["--data", "demo", "--out", os.path.join(tmp, f"run{i}"),
+                                 "--cache-dir", os.path.join(tmp, "cache")]) == 0
+            times.append(time.perf_counter() - t0)
+    return {"s_first": times[0], "s_later": times[1]}
 
 
 def bench_map(n=40_504, classes=80, reps=3):
@@ -399,6 +430,8 @@ def main(argv=None):
         ("predict", lambda: bench_predict(model, 224 if small else 448, 64 if small or gpu else 16,
                                           32 if gpu else 8, args.workers, device)),
         ("map_seconds_coco", bench_map),
+        ("pretrain", lambda: bench_pretrain() if not gpu else None),
+        ("demo_runs", lambda: bench_demo_runs() if not gpu else None),
     ]
     results["train_step_batch"], results["peak_mb"], results["seconds"] = step_batch, {}, {}
     for section, run in sections:
@@ -468,6 +501,14 @@ def print_table(r):
          f"COCO2014's {COCO_IMAGES:,} images: {r['decode_check']['coco_seconds']:.0f} s on "
          f"{r['decode_check']['cores']} cores"),
         ("mAP of 40,504 images x 80 classes (COCO val2014's size)", f"{r['map_seconds_coco']:.2f} s", ""),
+    ]
+    if r.get("pretrain"):
+        p, d = r["pretrain"], r["demo_runs"]
+        rows += [(f"demo CLIP pretraining: one step of {p['batch']} scenes at {p['size']} px",
+                  f"{p['s_per_step']:.2f} s", f"{p['steps']} steps: {p['s_total'] / 60:.1f} min"),
+                 ("python run.py --data demo: first run (cache built) / later run", f"{d['s_first']:.1f} / "
+                  f"{d['s_later']:.1f} s", "the demo's defaults")]
+    rows += [
         (f"predict: {r['predict']['images']} PNG images at {r['predict']['size']} px, batch {r['predict']['batch']}",
          f"{r['predict']['images_per_s']:.1f} images/s", f"{r['predict']['workers']} workers, peak "
                                                          f"{peak['predict']:.0f} MB"),

@@ -82,12 +82,8 @@ def run(args):
             f"{', '.join(no_ap[:10])}{' ...' if len(no_ap) > 10 else ''}")
 
     # the frozen CLIP: images (B, 3, S, S) -> dense features (B, L, D), one per grid position + the mean token
-    model, clip_info = cli.load_clip(args, train, say)
-    if clip_info["name"] == "random-tiny":
-        say("NOTE: the CLIP is a randomly initialised miniature model (no weights found): the numbers below "
-            "show that the pipeline learns, and say nothing about the paper.")
-    else:
-        say(f"CLIP: {clip_info['name']} (sha256 {clip_info['sha256'][:12]}...)")
+    model, clip_info = cli.load_clip(args, say)
+    say(f"CLIP: {clip_info['name']} (sha256 {clip_info['sha256'][:12]}...)")
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format  # faster convs
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.visual.to(memory_format=memory_format)

@@ -16,7 +16,7 @@ The layers go beyond the paper; they may import the core, the core never imports
     download.py      VOC2007 and COCO2014 downloads through torchvision
     folder.py        your own partially labelled images: a folder with train.csv and test.csv
     predict.py       a trained head as a model: tag new images, or score its run's test split again
-    demo.py          the offline demo: generated images, a random miniature CLIP, and captioned scenes
+    demo.py          the offline demo: generated captioned scenes, the demo's CLIP by name, a random miniature CLIP
     pretrain.py      contrastive pretraining of a miniature CLIP on those scenes (python -m clipmlr.pretrain)
     analysis/        the paper's analyses: Table 1 sweep, zero-shot, Table 2 negation, Fig. 1 maps
 run.py (outside the package) is the training loop; nothing under clipmlr/ imports it.

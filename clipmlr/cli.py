@@ -3,7 +3,7 @@
     args = parse_args(argv)                     every option, with its default and unit (python run.py --help)
     check_writable(path, "--out")               before anything is loaded, so a bad folder fails at once
     train, train_y, test, test_y, classnames = load_data(args)        VOC2007, COCO2014 or the offline demo
-    model, clip_info = load_clip(args, train)   a checkpoint, or the demo's random miniature CLIP
+    model, clip_info = load_clip(args)          a checkpoint, an OpenAI name, or "demo" (the miniature)
     loader, features_of = test_split(...)       the test split as run.py scores it (predict, zero-shot)
 
 Errors a user can cause are the project's own types (ERRORS); run.py and the analyses print them as one line and
@@ -19,10 +19,9 @@ import torch
 from . import clip
 from .cache import CacheError, encode_split, weights_fingerprint
 from .checkpoint import CheckpointError
-from .augment import image_transform
 from .data import DataError, ImageDataset, load_coco, load_voc
 from .folder import load_folder
-from .demo import DEMO_CLASSES, demo_split, tiny_clip
+from .demo import DEMO_CLASSES, DEMO_CLIP, MINIATURE_NOTE, demo_clip_path, demo_split
 from .download import download_coco, download_voc
 from .heads import HEADS, HeadError, prompt_tokens
 from .pipelines import collate, image_pipeline
@@ -66,10 +65,10 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--data-root", default=None, help="dataset folder (default data/voc2007, data/coco2014 or "
                    "data/folder)")
     p.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    p.add_argument("--clip", default=None, help="CLIP name or checkpoint path (default RN101; for the demo a "
-                   "random miniature CLIP unless weights/RN101.pt exists)")
+    p.add_argument("--clip", default=None, help="CLIP name (RN101, RN50, ...; demo: the miniature pretrained on "
+                   "the demo's scenes, usable on any data) or checkpoint path (default RN101; demo for --data demo)")
     p.add_argument("--weights-dir", default="weights", help="where CLIP checkpoints are downloaded")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 448; demo 224)")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 448; demo 128)")
     p.add_argument("--epochs", type=int, default=50, help="training epochs")
     p.add_argument("--batch-size", type=int, default=32, help="images per optimizer step")
     p.add_argument("--lr-prompt", type=float, default=None, help="SGD lr of the prompts' context vectors "
@@ -116,7 +115,7 @@ def parse_args(argv=None, prog=None):
                    "differ by colour, which RandAugment's colour operations wash out)")
     p.add_argument("--cache-views", type=int, default=8, help="augmented views per training image in the cache")
     p.add_argument("--cache-dir", default="cache", help="where --cache-features stores the encoded features")
-    p.add_argument("--demo-images", type=int, default=256, help="demo training images (the test split has half)")
+    p.add_argument("--demo-images", type=int, default=1024, help="demo training images (the test split has half)")
     p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: last epoch only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the label mask, the head's init, the data order "
                    "and the augmentations (0 or more)")
@@ -131,12 +130,13 @@ def parse_args(argv=None, prog=None):
     check_values(p, args)
     if args.workers is None:
         args.workers = default_workers()
-    if args.clip and args.clip not in clip.available_models() and not os.path.isfile(args.clip):
-        p.error(f"--clip {args.clip}: no such file, and not one of the model names {clip.available_models()}")
+    if args.clip and args.clip not in [DEMO_CLIP, *clip.available_models()] and not os.path.isfile(args.clip):
+        p.error(f"--clip {args.clip}: no such file, and not one of the model names "
+                f"{[DEMO_CLIP, *clip.available_models()]}")
     demo = args.data == "demo"
     args.cache_features = demo if args.cache_features is None else args.cache_features
     args.augment = not demo if args.augment is None else args.augment
-    args.image_size = args.image_size or (224 if demo else 448)
+    args.image_size = args.image_size or (128 if demo else 448)
     args.data_root = args.data_root or os.path.join("data", {"voc": "voc2007", "coco": "coco2014"}.get(args.data,
                                                                                                        args.data))
     if args.download and args.data not in ("voc", "coco"):
@@ -291,16 +291,19 @@ def load_data(args, say=print):
     return train, train_y, test, test_y, names
 
 
-def load_clip(args, calibration_images, say=print):
-    """(model, {"name", "sha256"}) — a real checkpoint, or the demo's random miniature CLIP calibrated on
-    `calibration_images` (the demo's training images) when no weights are there."""
-    name = args.clip or "RN101"
-    if args.data == "demo" and args.clip is None and not os.path.isfile(os.path.join(args.weights_dir, "RN101.pt")):
-        say(f"building the demo's random miniature CLIP (BatchNorm calibrated on {len(calibration_images)} images)")
-        transform = image_transform(args.image_size, train=False)
-        model = tiny_clip(torch.stack([transform(im) for im in calibration_images]), seed=0,
-                          resolution=args.image_size)
-        return model.to(args.device), {"name": "random-tiny", "sha256": None}
+def load_clip(args, say=print):
+    """(model, {"name", "sha256"}) of the CLIP that --clip names: an OpenAI name (downloaded into --weights-dir),
+    a checkpoint file, or "demo", the miniature pretrained on the demo's scenes (weights/demo-clip.pt; the
+    default for --data demo, and usable on any data)."""
+    name = args.clip or (DEMO_CLIP if args.data == "demo" else "RN101")
+    if name == DEMO_CLIP:
+        path = demo_clip_path()
+        if not os.path.isfile(path):
+            raise RunError(f"the demo's CLIP {path} is missing; build it with `python -m clipmlr.pretrain --out "
+                           f"{path}` (minutes on a CPU), or give another --clip")
+        say(f"loading CLIP {name}: {MINIATURE_NOTE}")
+        model, sha = clip.load(path, device=args.device)
+        return model, {"name": name, "sha256": sha}
     say(f"loading CLIP {name}")
     model, sha = clip.load(name, device=args.device, root=args.weights_dir)
     return model, {"name": name, "sha256": sha}

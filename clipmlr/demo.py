@@ -1,11 +1,14 @@
-"""The offline demo: a generated multi-label image set, a randomly initialised miniature CLIP, and the captioned
-scenes that pretrain.py pretrains a miniature CLIP on.
+"""The offline demo: generated multi-label scenes with captions, the demo's pretrained miniature CLIP, and a
+random miniature CLIP for tests.
 
-Each image is a noisy background with one to three coloured shapes; its labels say which shapes are present.
-Everything is a function of the index and the seed, so the set is the same on every machine and in every
-worker. With the random CLIP the numbers only show that the pipeline learns; they say nothing about the paper.
+Each scene is a noisy background with one to four shapes among twelve, each in a colour drawn independently of
+its shape; its labels say which shapes are present, its caption names some of them and never an absent one.
+pretrain.py pretrains the demo's miniature CLIP contrastively on such captioned scenes (seed 1); the demo's
+training and test images are other scenes (seed 0). Everything is a function of the index and the seed, so the
+set is the same on every machine and in every worker.
 """
 import math
+import os
 import random
 
 import numpy as np
@@ -14,55 +17,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .clip.model import CLIP
 
-DEMO_CLASSES = ["circle", "square", "triangle", "cross", "ring", "bar"]
-COLOURS = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220), (40, 220, 230)]
-
-
-def draw_shape(draw, kind, cx, cy, r, colour):
-    if kind == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif kind == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
-    elif kind == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
-    elif kind == "cross":
-        w = max(2, r // 3)
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
-    elif kind == "ring":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=colour, width=max(2, r // 4))
-    elif kind == "bar":
-        draw.rectangle((cx - r, cy - max(2, r // 5), cx + r, cy + max(2, r // 5)), fill=colour)
-
-
-def demo_image(index, seed=0, size=224):
-    """(PIL image, (C,) labels) of demo image `index`: one to three distinct shapes on a noisy background."""
-    rng = random.Random(seed * 1_000_003 + index)
-    background = tuple(rng.randint(60, 160) for _ in range(3))
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(128, 40, (size, size, 1)).clip(0, 255)
-    image = Image.fromarray(noise.astype(np.uint8).repeat(3, axis=2))  # grey noise, seeded (not PIL's own RNG)
-    image = Image.blend(image, Image.new("RGB", (size, size), background), 0.7)
-    draw = ImageDraw.Draw(image)
-    kinds = rng.sample(range(len(DEMO_CLASSES)), rng.randint(1, 3))
-    labels = torch.zeros(len(DEMO_CLASSES), dtype=torch.long)
-    for k in kinds:
-        r = rng.randint(size // 10, size // 5)
-        cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
-        colour = tuple(min(255, max(0, c + rng.randint(-30, 30))) for c in COLOURS[k])  # a hue per class
-        draw_shape(draw, DEMO_CLASSES[k], cx, cy, r, colour)
-        labels[k] = 1
-    return image.filter(ImageFilter.SMOOTH), labels
-
-
-def demo_split(n, seed=0, size=224, offset=0):
-    """`n` generated (images, (n, C) labels); test images use another `offset` so no image is shared."""
-    pairs = [demo_image(offset + i, seed, size) for i in range(n)]
-    return [p[0] for p in pairs], torch.stack([p[1] for p in pairs])
-
-
-# The scenes the demo's miniature CLIP is pretrained on (pretrain.py): twelve shapes, colour drawn independently
-# of the shape, captions that name only what is present. (Not yet the demo's own images, which are the six
-# colour-coded shapes above: switching the demo to these scenes and to the pretrained CLIP is the next step.)
+DEMO_CLIP = "demo"  # --clip demo: the miniature CLIP pretrained on these scenes (pretrain.py), for any data
+MINIATURE_NOTE = "the miniature pretrained on generated scenes: the paper's questions in miniature, not its numbers"
+# twelve shapes, colour drawn independently of the shape, captions that name only what is present
 SCENE_CLASSES = ["circle", "square", "triangle", "cross", "ring", "bar", "star", "diamond", "hexagon", "arrow",
                  "crescent", "dot"]
 GROUPS = [("star", "crescent", "dot"), ("arrow", "bar", "square"), ("circle", "triangle", "hexagon", "diamond"),
@@ -148,6 +105,20 @@ def scene(index, seed=0, size=224):
     words = [with_article(SCENE_CLASSES[k]) for k in named]
     listing = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
     return image.filter(ImageFilter.SMOOTH), labels, rng.choice(CAPTIONS).format(listing)
+
+
+DEMO_CLASSES = SCENE_CLASSES  # the demo's images are scenes too (seed 0; the pretraining scenes are seed 1)
+
+
+def demo_image(index, seed=0, size=224):
+    """(PIL image, (C,) labels) of demo scene `index` (its caption left out)."""
+    return scene(index, seed, size)[:2]
+
+
+def demo_split(n, seed=0, size=224, offset=0):
+    """`n` generated (images, (n, C) labels); test images use another `offset` so no image is shared."""
+    pairs = [demo_image(offset + i, seed, size) for i in range(n)]
+    return [p[0] for p in pairs], torch.stack([p[1] for p in pairs])
 
 
 def demo_clip_path():

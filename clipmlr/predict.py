@@ -119,9 +119,7 @@ def load_run(run_dir, device="auto", clip=None, weights_dir=None, workers=0, dat
     classes = len(record["classnames"])
     say(f"run {run_dir}: {record['head']} head, {classes} class{'' if classes == 1 else 'es'}, CLIP "
         f"{record['clip']['name']}; loading the CLIP on {args.device}")
-    # the demo's random CLIP is calibrated on the demo's training images, as run.py built it
-    calibration = cli.load_data(args, say=lambda *a: None)[0] if args.data == "demo" else None
-    model, clip_info = cli.load_clip(args, calibration, say=lambda *a: None)
+    model, clip_info = cli.load_clip(args, say=lambda *a: None)
     head, record = load_head(run_dir, model, clip_info, record)
     return head, model, record, results, args
 

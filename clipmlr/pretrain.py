@@ -68,7 +68,7 @@ def initial_model(size=96, seed=0):
         return CLIP(image_resolution=size, **MINIATURE)
 
 
-def pretrain(steps=400, batch_size=128, size=96, lr=2e-3, seed=0, progress=True):
+def pretrain(steps=600, batch_size=128, size=96, lr=2e-3, seed=0, progress=True):
     """(the miniature CLIP in eval mode, the loss of every step), trained from seed `seed`."""
     model = initial_model(size, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
@@ -98,7 +98,7 @@ def main(argv=None):
     p = Parser(prog="python -m clipmlr.pretrain", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.path.join("weights", "demo-clip.pt"), help="the checkpoint to write")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps (each on new scenes)")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps (each on new scenes)")
     p.add_argument("--batch-size", type=int, default=128, help="scenes (and captions) per step")
     p.add_argument("--image-size", type=int, default=96, help="pretraining resolution in pixels")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW's peak learning rate")

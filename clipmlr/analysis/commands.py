@@ -1,4 +1,4 @@
-"""The PositiveCoOp paper's analyses as commands, on any CLIP checkpoint or the demo's random miniature CLIP.
+"""The PositiveCoOp paper's analyses as commands, on any CLIP checkpoint or the demo's miniature CLIP.
 
     python -m clipmlr.analysis sweep --data voc --heads baseline dual positive negative --labels 0.1 0.5 0.9
     python -m clipmlr.analysis switches --data demo --labels 0.3   # the paper vs the authors' code, one at a time
@@ -22,11 +22,13 @@ from .. import cli
 from ..checkpoint import save_atomic
 from ..augment import image_transform
 from ..heads import HEADS
-from ..metrics import average_precision
+from ..aggregation import prompt_logits
+from ..metrics import average_precision, margin
 from ..predict import PredictError, load_head
 from .plots import similarity_figure
+from ..demo import DEMO_CLASSES, DEMO_CLIP
 from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table, similarity_maps,
-                         text_features, zero_shot_scores)
+                         text_features)
 from .sweep import DEMO_NOTE, PROPORTIONS, SweepError, run_sweep, write_sweep
 from .switches import SWITCHES, run_switches, switches_table
 from .templates import ABSENCE, COCO_CLASSES, PRESENCE, fill
@@ -36,26 +38,21 @@ class AnalysisError(Exception):
     """A bad argument or input of an analysis command; the message says what to give instead."""
 
 
-def load_clip(args, train=None):
-    """(model, {"name", "sha256"}) as run.py loads it; the demo's miniature CLIP is calibrated on its images."""
-    if train is None and args.data == "demo":
-        train = cli.load_data(args)[0]
-    return cli.load_clip(args, train)
-
-
 # ---------------------------------------------------------------------------------------------------- zero-shot
 
 @torch.no_grad()
 def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     """mAP of hand-written prompts on the test split of `args.data`, aggregated and ranked like the heads'."""
     train, _, test, test_y, classnames = cli.load_data(args)
-    model, clip_info = load_clip(args, train)
+    model, clip_info = cli.load_clip(args)
     device = torch.device(args.device)
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
     loader, features_of = cli.test_split(args, test, test_y, model, clip_info, args.batch_size)  # run.py's cache
-    scores = torch.cat([zero_shot_scores(features_of(x), *embeddings).cpu() for x, _, _ in loader])
-    ap = average_precision(scores, test_y)
+    logits = torch.cat([prompt_logits(features_of(x), *embeddings).float().cpu() for x, _, _ in loader])  # (N, C, 2)
+    ap = average_precision(margin(logits), test_y)  # presence − absence, as the heads are ranked
+    alone = average_precision(logits[..., 0], test_y)  # the presence prompt alone: "not a photo of" left out
     return {"map": 100 * float(np.nanmean(ap)),  # a class with no positive test label: no AP (null), left out
+            "map_presence_alone": 100 * float(np.nanmean(alone)),
             "per_class_ap": {n: None if np.isnan(a) else 100 * float(a) for n, a in zip(classnames, ap)},
             "presence": presence, "absence": absence, "data": args.data, "image_size": args.image_size,
             "test_images": len(test), "clip": clip_info, "settings": zero_shot_settings(args)}
@@ -69,11 +66,12 @@ def zero_shot_settings(args):
 
 def zero_shot_markdown(result):
     lines = [f"# Zero-shot reference on {result['data']}, CLIP {result['clip']['name']}", ""]
-    if result["clip"]["name"] == "random-tiny":
+    if result["clip"]["name"] == DEMO_CLIP:
         lines += [f"**{DEMO_NOTE}.**", ""]
     lines += [f"Hand-written prompts, no training: presence \"{result['presence']}\", absence "
               f"\"{result['absence']}\"; the heads' aggregation (20·cos, softmax over positions) and mAP on "
-              f"{result['test_images']} test images.", "", f"mAP: {result['map']:.2f}", "",
+              f"{result['test_images']} test images.", "", f"mAP, ranked by presence − absence (as the heads): "
+              f"{result['map']:.2f}; by the presence prompt alone: {result['map_presence_alone']:.2f}", "",
               "| Class | AP |", "|---|---|"]
     lines += [f"| {n} | {'–' if a is None else f'{a:.1f}'} |" for n, a in result["per_class_ap"].items()]
     return "\n".join(lines) + "\n"
@@ -96,8 +94,9 @@ def cmd_zeroshot(opts, extras):
     save_atomic(result, os.path.join(out, "results.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(zero_shot_markdown(result))
-    print(f"zero-shot mAP {result['map']:.2f}" + (" (random miniature CLIP)" if result["clip"]["name"] ==
-                                                  "random-tiny" else ""))
+    print(f"zero-shot mAP {result['map']:.2f} (presence − absence), {result['map_presence_alone']:.2f} (presence "
+          f"prompt alone)" + (" (the demo's miniature CLIP)" if result["clip"]["name"]
+                                                  == DEMO_CLIP else ""))
     print(f"wrote {out}/results.json and {out}/table.md")
 
 
@@ -161,17 +160,19 @@ def cmd_negation(opts, extras):
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis negation")
     if opts.out:
         check_folders(opts.out, args)
-    model, clip_info = load_clip(args)
+    model, clip_info = cli.load_clip(args)
     name = clip_info["name"]
     out = opts.out or os.path.join("runs", "analysis", f"negation-{os.path.splitext(os.path.basename(name))[0]}")
     check_folders(out, args)
-    similarities = negation_similarities(model, COCO_CLASSES)
+    # the paper's COCO classes; the demo's miniature knows only its twelve shapes' words, so it is asked of them
+    classes = list(DEMO_CLASSES) if name == DEMO_CLIP else COCO_CLASSES
+    similarities = negation_similarities(model, classes)
     summaries = negation_summary(similarities)
-    text = negation_table(summaries, name)
+    text = negation_table(summaries, name, len(classes))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text)
-    per_class = {"classes": COCO_CLASSES, "one prompt": {k: v.tolist() for k, v in similarities["one prompt"].items()},
+    per_class = {"classes": classes, "one prompt": {k: v.tolist() for k, v in similarities["one prompt"].items()},
                  "85 templates, per-class mean": {"p1_n1": similarities["85 templates"]["p1_n1"].mean(0).tolist(),
                                                   "p1_p2": similarities["85 templates"]["p1_p2"].mean(1).tolist()}}
     save_atomic({"clip": clip_info, "summary": summaries, "per_class": per_class}, os.path.join(out, "results.json"))
@@ -219,7 +220,7 @@ def cmd_maps(opts, extras):
     train = test = test_y = classnames = None
     if args.data == "demo" or opts.image is None:
         train, _, test, test_y, classnames = cli.load_data(args)
-    model, clip_info = load_clip(args, train)
+    model, clip_info = cli.load_clip(args)
     head = None
     if settings is not None:
         try:
@@ -254,8 +255,8 @@ def cmd_maps(opts, extras):
         captions = [f"learned presence ({head_name})", f"learned absence ({head_name})"]
         described = f"the {head_name} head's learned embeddings"
     title = f"{name}: {described}; CLIP {clip_info['name']}"
-    if clip_info["name"] == "random-tiny":
-        title += " (random miniature CLIP)"
+    if clip_info["name"] == DEMO_CLIP:
+        title += " (the demo's miniature CLIP)"
     figure = similarity_figure(image, list(maps.numpy()), ["image" + (f" ({', '.join(present)})" if present else "")]
                                + captions, title, panel=opts.panel, value_name=value_name)
     os.makedirs(out, exist_ok=True)

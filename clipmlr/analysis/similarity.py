@@ -2,8 +2,6 @@
 
     text_features(model, prompts)                    unit text features of hand-written prompts
     negation_similarities(model, classnames)         "photo of a {}" vs "not a photo of a {}" (Table 2)
-    zero_shot_scores(features, presence, absence)    hand-written prompts, no training, the heads' aggregation
-                                                     (logit margins: the scores an AP ranks by)
     similarity_maps(features, presence, absence)     per-position cosine with two embeddings (Fig. 1)
 
 Shape key: B batch, C classes, D feature dim, M templates, L positions (1 + H*W, the mean token first).
@@ -13,9 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..aggregation import prompt_logits
 from ..clip import tokenize
-from ..metrics import margin
+from ..demo import DEMO_CLIP, MINIATURE_NOTE
 from .templates import N1, P1, P2, TEMPLATES, fill, negated
 
 PAPER_TABLE2 = {  # (mean, std, min, max) over COCO's 80 classes, ResNet-101 CLIP
@@ -70,18 +67,19 @@ def negation_summary(similarities):
     }
 
 
-def negation_table(summaries, clip_name):
-    """Markdown in the layout of Table 2, the paper's rows under ours."""
+def negation_table(summaries, clip_name, n_classes=80):
+    """Markdown in the layout of Table 2, the paper's rows under ours (COCO's 80 classes; the demo's own)."""
     def fmt(s):
         return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.2f}, {s['max']:.2f})"
 
-    rows = [("80 classes, 1 prompt", "one prompt"), ("80 classes, 85 templates (per-class mean)", "85 templates"),
-            ("85 templates × 80 classes (every pair)", "85 templates, every pair")]
+    c = n_classes
+    rows = [(f"{c} classes, 1 prompt", "one prompt"), (f"{c} classes, 85 templates (per-class mean)", "85 templates"),
+            (f"85 templates × {c} classes (every pair)", "85 templates, every pair")]
     lines = [f"# Cosine similarity between prompt features, CLIP {clip_name} (PositiveCoOp Sec. 5.2, Table 2)", ""]
-    if clip_name == "random-tiny":
-        lines += ["**random miniature CLIP (demo): its text encoder is untrained, so these numbers say nothing "
-                  "about CLIP or the paper.**", ""]
-    lines += ["Mean ± std (min, max) over COCO's 80 classes. P1 'photo of a {}', N1 'not a photo of a {}', P2 "
+    if clip_name == DEMO_CLIP:
+        lines += [f"**the demo's CLIP, {MINIATURE_NOTE}.**", ""]
+    lines += [f"Mean ± std (min, max) over {'COCO' if c == 80 else 'the demo'}'s {c} classes. "
+              "P1 'photo of a {}', N1 'not a photo of a {}', P2 "
               "'picture of a {}'; with the 85 templates of the supplement's Table 4, N1 is 'not ' + the template "
               "and P1-P2 pairs are two different templates of one class.", "",
               "| Setting | P1-N1 | P1-P2 |", "|---|---|---|"]
@@ -89,15 +87,9 @@ def negation_table(summaries, clip_name):
         lines.append(f"| {name} | {fmt(summaries[key]['p1_n1'])} | {fmt(summaries[key]['p1_p2'])} |")
         if key in PAPER_TABLE2:
             paper = {pair: dict(zip(("mean", "std", "min", "max"), v)) for pair, v in PAPER_TABLE2[key].items()}
-            lines.append(f"| {name}, paper (RN101) | {fmt(paper['p1_n1'])} | {fmt(paper['p1_p2'])} |")
+            lines.append(f"| 80 classes{name.split('classes', 1)[1]}, paper (RN101, COCO) | {fmt(paper['p1_n1'])} | "
+                         f"{fmt(paper['p1_p2'])} |")
     return "\n".join(lines) + "\n"
-
-
-def zero_shot_scores(features, presence, absence):
-    """(B, L, D) dense features, (C, D) presence and absence text features -> (B, C) logit margins,
-    presence − absence: the trained heads' aggregation with hand-written prompts (no training), ranked as the
-    heads are (a softmax probability would saturate and tie)."""
-    return margin(prompt_logits(features, presence, absence).float())
 
 
 def grid_side(positions):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..checkpoint import settings_mismatch
 from ..cli import head_argv, parse_args, settings_of
+from ..demo import DEMO_CLIP, MINIATURE_NOTE
 from .plots import colour_of, line_plot
 
 PROPORTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -40,7 +41,7 @@ PAPER_COST = {  # (trainable parameters as printed, GPU hours on one RTX A4000) 
     "voc": {"baseline": ("20k", 1.5), "dual": ("0.3M", 3.55), "positive": ("0.17M", 3), "negative": ("0.17M", 3)},
     "coco": {"baseline": ("80k", 7.97), "dual": ("1.3M", 16), "positive": ("0.73M", 16), "negative": ("0.73M", 16)},
 }
-DEMO_NOTE = "random miniature CLIP (demo): the numbers show the pipeline works and say nothing about the paper"
+DEMO_NOTE = f"the demo's CLIP, {MINIATURE_NOTE}"
 
 
 class SweepError(Exception):
@@ -189,7 +190,7 @@ def sweep_table(results, zero_shot, data, clip_name):
 
     title = f"# Sweep on {data}, CLIP {clip_name}"
     lines = [title, ""]
-    if clip_name == "random-tiny":
+    if clip_name == DEMO_CLIP:
         lines += [f"**{DEMO_NOTE}.**", ""]
     seeds_text = f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
     protocols = sorted({protocol_of(r.get("settings", {})) for r in results})
@@ -220,8 +221,8 @@ def sweep_plot(results, zero_shot, data, clip_name):
         series.append({"label": "zero-shot", "colour": colour_of("zero-shot"), "xs": [0.0],
                        "ys": [zero_shot["map"]], "style": "hline"})
     title = f"mAP against labels kept: {data}, CLIP {clip_name}"
-    if clip_name == "random-tiny":
-        title += " (random miniature CLIP: not the paper's numbers)"
+    if clip_name == DEMO_CLIP:
+        title += " (the demo's miniature CLIP: not the paper's numbers)"
     return line_plot(series, title, "fraction of training labels kept", "mAP (%)")
 
 

@@ -3,8 +3,8 @@
 Each row trains the same head on the same data and labels with one run.py option changed from the defaults (the
 paper's learning rates, the authors' code in the other choices, clipmlr's loss-weight rule; README.md says which
 default comes from where), each in a process of its own (see sweep.train), and reports the mAP beside the
-defaults'. On the demo's random miniature CLIP the numbers only show which choices move the result there; they
-say nothing about the paper.
+defaults'. On the demo's miniature CLIP the numbers show which choices move the result there, in miniature; they
+are not the paper's numbers.
 """
 import os
 
@@ -56,7 +56,7 @@ def switches_table(rows):
     s = default["settings"]
     lines = [f"# One switch at a time: {s['head']} on {s['data']}, {100 * s['labels']:g}% of labels, "
              f"{s['epochs']} epochs, CLIP {default['clip']['name']}", ""]
-    if default["clip"]["name"] == "random-tiny":
+    if default["clip"]["name"] == sweep.DEMO_CLIP:
         lines += [f"**{sweep.DEMO_NOTE}.**", ""]
     lines += ["| switch | run.py option | mAP | vs defaults |", "|---|---|---|---|"]
     for what, option, result in rows:
