@@ -3761,3 +3761,15 @@ def test_demo_clip_maps_peak_on_the_shape_they_name():
                                                           f"not a photo of {with_article(kind)}."])
             maps = similarity_maps(features, presence, absence)  # (2, 4, 4)
             assert divmod(int(maps[0].flatten().argmax()), 4) == (gy, gx), (kind, gy, gx)
+
+
+def test_the_demo_clip_by_name_on_your_own_images(tmp_path):
+    """--clip demo works on any data, offline: a folder dataset trains, and predict tags with the run's CLIP."""
+    from clipmlr import predict
+    _make_folder(str(tmp_path / "data"))
+    out = tmp_path / "run"
+    assert run.main(["--data", "folder", "--data-root", str(tmp_path / "data"), "--clip", "demo", "--epochs", "1",
+                     "--image-size", "64", "--workers", "0", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["clip"]["name"] == "demo" and list(results["per_class_ap"]) == FOLDER_CLASSES
+    assert predict.main([str(out), str(tmp_path / "data" / "photos"), "--workers", "0"]) == 0
