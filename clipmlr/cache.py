@@ -12,8 +12,9 @@ passes the very function its training loop uses, so cached and in-loop features 
 
 Epoch e serves view e mod V. The trade-off of V: in the loop, 50 epochs show every training image under 50
 different augmentations and pay 50 encoder passes over the training set; the cache shows V of them over and
-over (V=1: no augmentation diversity at all) and pays V passes, once for every head and label fraction; augmented
-views are drawn under the run's seed, so each seed has its own (plain views are shared by all seeds). Disk: V·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
+over (V=1: no augmentation diversity at all) and pays V passes, once for every head and label fraction;
+augmented views are drawn under the run's seed, so each seed has its own (plain views are shared by all seeds).
+Disk: V·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
 trainval is 1.0 GB per view (8.1 GB for V=8; the test split 1.0 GB), COCO2014 train 16.5 GB per view (132 GB
 for V=8). Reading it back is disk-bound when it does not fit in the page cache. The build decodes every image,
 so it is also the check that every image is readable (run.py needs no separate decoding pass then,
@@ -27,7 +28,8 @@ A cache folder, DIR/<data>-<split>-<hash of the key>/, holds
     features.npy   (V, N, L, D) float16 in NumPy's format, read memory-mapped
     done.npy       (V, chunks) uint8: 1 once that chunk of images is safely on disk
 A killed build resumes at the first chunk not done. View v of image i is augmented under the item seed of
-(seed, v·N + i) alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the workers — at the same
+(seed, v·N + i) alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the
+workers — at the same
 number of CPU threads: a convolution's float sums depend on how the threads split them, so a cache built with
 another thread count (torchrun sets OMP_NUM_THREADS=1) may differ by one fp16 rounding step in a few values.
 An existing folder is used only if its key equals the requested one field by field; otherwise it is refused.
@@ -74,7 +76,8 @@ class Stored(torch.utils.data.Dataset):
 
 
 @torch.inference_mode()
-def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="encoding", seed=0, pin_memory=False):
+def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="encoding", seed=0,
+                  pin_memory=False):
     """Encodes the (view, chunk) pairs in `todo`; chunk c of a view is images [c*chunk, (c+1)*chunk).
 
     `store(view, chunk_index, features)` receives each chunk's (B, L, D) fp16 NumPy features in order. View v of
@@ -266,7 +269,8 @@ def merged_progress(folder, done):
     return done
 
 
-def encode_split(dataset, views, encode, batch_size, workers, cache_dir=None, key=None, seed=0, pin_memory=False):
+def encode_split(dataset, views, encode, batch_size, workers, cache_dir=None, key=None, seed=0,
+                 pin_memory=False):
     """`views` encodings of every image of `dataset` (view v of image i augmented as SeededViews' item v·N + i
     under `seed`), kept in memory or, with `cache_dir`, on disk; a `Stored` dataset of them.
 

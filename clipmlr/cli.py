@@ -153,10 +153,12 @@ def parse_args(argv=None, prog=None):
     if args.pipeline == "auto":  # the device pipeline becomes auto's choice on CUDA once it has run on a GPU
         args.pipeline = "pil"
     lrs = authors_lrs(args.lr) if args.lr is not None else PAPER_LRS
-    for group in lrs:  # the head's own groups; None (recorded as such) for those it does not have
+    for group, lr in lrs.items():  # the head's own groups; None (recorded as such) for those it does not have
         name = f"lr_{group}"
-        used = args.head in USED_BY[name]
-        setattr(args, name, (lrs[group] if getattr(args, name) is None else getattr(args, name)) if used else None)
+        if args.head not in USED_BY[name]:
+            setattr(args, name, None)
+        elif getattr(args, name) is None:
+            setattr(args, name, lr)
     return args
 
 
@@ -189,12 +191,11 @@ def check_values(p, args):
         value = getattr(args, name)
         if value is not None and value < 0:
             p.error(f"--{name.replace('_', '-')} {value} must be 0 or more")
-    for name, low, strict in (("lr_prompt", 0, False), ("lr_embedding", 0, False), ("lr_linear", 0, False),
-                              ("lr", 0, True), ("loss_weight", 0, True), ("warmup_lr", 0, False),
-                              ("weight_decay", 0, False), ("momentum", 0, False)):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and (value > low if strict else value >= low)):
-            p.error(f"--{name.replace('_', '-')} {value} must be a finite number {'>' if strict else '>='} {low:g}")
+    for name in ("lr_prompt", "lr_embedding", "lr_linear", "lr", "loss_weight", "warmup_lr", "weight_decay",
+                 "momentum"):
+        value, positive = getattr(args, name), name in ("lr", "loss_weight")  # a zero would train nothing
+        if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            p.error(f"--{name.replace('_', '-')} {value} must be a finite number {'>' if positive else '>='} 0")
     if args.momentum >= 1:
         p.error(f"--momentum {args.momentum} must be below 1 (SGD diverges at 1 and above)")
     if args.image_size is not None and args.image_size < 32:
@@ -213,14 +214,14 @@ def check_values(p, args):
 def head_argv(argv, head):
     """`argv` (run.py options) without those that do nothing for `head` (USED_BY), so that a sweep over all four
     heads can pass, e.g., --no-residual or --n-ctx 8 to the heads that use it."""
-    flags = {"--" + name.replace("_", "-"): name for name, heads in USED_BY.items() if head not in heads}
-    takes_value = {"--n-ctx", "--absence-weights", "--lr-prompt", "--lr-embedding", "--lr-linear"}
+    flags = {"--" + name.replace("_", "-") for name, heads in USED_BY.items() if head not in heads}
+    switches = {"--shared-context", "--no-residual"}  # the two of them that take no value
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg in flags:
-            skip = arg in takes_value
+            skip = arg not in switches
         elif arg.split("=")[0] not in flags:
             out.append(arg)
     return out

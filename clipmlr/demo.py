@@ -76,10 +76,10 @@ def with_article(name):
 
 
 def scene(index, seed=0, size=224):
-    """(PIL image, (12,) labels over SCENE_CLASSES, caption) of scene `index`: one to four distinct shapes, some that tend to appear
-    together and some small, each in a colour drawn independently of its shape, on a noisy background. The
-    caption names only shapes that are present, and leaves each out with probability 1/4 (web captions are
-    incomplete); it never says what is absent."""
+    """(PIL image, (12,) labels over SCENE_CLASSES, caption) of scene `index`: one to four distinct shapes,
+    some that tend to appear together and some small, each in a colour drawn independently of its shape, on a
+    noisy background. The caption names only shapes that are present, and leaves each out with probability 1/4
+    (web captions are incomplete); it never says what is absent."""
     rng = random.Random(seed * 1_000_003 + index)
     background = tuple(rng.randint(60, 170) for _ in range(3))
     noise = np.random.default_rng(rng.getrandbits(32)).normal(128, 40, (size, size, 1)).clip(0, 255)

@@ -112,7 +112,6 @@ def load_run(run_dir, device="auto", clip=None, weights_dir=None, workers=0, dat
     argv = cli.settings_argv({**settings, "clip": None}) + [
         "--device", device, "--weights-dir", weights_dir or results["weights_dir"], "--data-root",
         data_root or results["data_root"], "--cache-dir", results["cache_dir"], "--workers", str(workers)]
-    argv = cli.head_argv(argv, settings["head"])  # without the options that do nothing for the run's head
     args = cli.parse_args(argv + (["--clip", clip or settings["clip"]] if clip or settings["clip"] else []),
                           prog="python -m clipmlr.predict")
     args.device = str(distributed.use_device(args.device))  # e.g. cuda:1 made current, as run.py does

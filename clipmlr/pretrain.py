@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .augment import MEAN, STD
+from .augment import image_transform
 from .checkpoint import save_atomic
 from .clip import CLIP, tokenize
 from .clip.load import sha256_of
@@ -41,14 +41,11 @@ TEMPERATURE = 100.0  # exp(logit_scale): the released CLIPs' value
 
 
 def scene_batch(step, batch_size, size):
-    """(B, 3, S, S) normalised images and their B captions: pretraining step `step`'s scenes."""
-    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
-    images, captions = [], []
-    for i in range(batch_size):
-        image, _, caption = demo_scene(step * batch_size + i, PRETRAIN_SEED, size)
-        images.append((torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - mean) / std)
-        captions.append(caption)
-    return torch.stack(images), captions
+    """(B, 3, S, S) images, normalised as every image is (augment.image_transform), and their B captions:
+    pretraining step `step`'s scenes."""
+    transform = image_transform(size, train=False)
+    scenes = [demo_scene(step * batch_size + i, PRETRAIN_SEED, size) for i in range(batch_size)]
+    return torch.stack([transform(image) for image, _, _ in scenes]), [caption for _, _, caption in scenes]
 
 
 def contrastive_loss(model, images, ids):

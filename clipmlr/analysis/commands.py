@@ -43,7 +43,7 @@ class AnalysisError(Exception):
 @torch.no_grad()
 def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     """mAP of hand-written prompts on the test split of `args.data`, aggregated and ranked like the heads'."""
-    train, _, test, test_y, classnames = cli.load_data(args)
+    _, _, test, test_y, classnames = cli.load_data(args)
     model, clip_info = cli.load_clip(args)
     device = torch.device(args.device)
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
@@ -94,9 +94,9 @@ def cmd_zeroshot(opts, extras):
     save_atomic(result, os.path.join(out, "results.json"))
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(zero_shot_markdown(result))
+    demo = " (the demo's miniature CLIP)" if result["clip"]["name"] == DEMO_CLIP else ""
     print(f"zero-shot mAP {result['map']:.2f} (presence − absence), {result['map_presence_alone']:.2f} (presence "
-          f"prompt alone)" + (" (the demo's miniature CLIP)" if result["clip"]["name"]
-                                                  == DEMO_CLIP else ""))
+          f"prompt alone){demo}")
     print(f"wrote {out}/results.json and {out}/table.md")
 
 
@@ -111,7 +111,8 @@ def cmd_sweep(opts, extras):
         if any(a == own or a.startswith(own + "=") for a in extras):
             raise AnalysisError(f"the sweep sets {own} for each run itself; give {instead}")
     for head in opts.heads:  # each head's options as its runs will get them (without those it does not use)
-        args = cli.parse_args(cli.head_argv(extras, head) + ["--head", head], prog="python -m clipmlr.analysis sweep")
+        args = cli.parse_args(cli.head_argv(extras, head) + ["--head", head],
+                              prog="python -m clipmlr.analysis sweep")
     out = opts.out or os.path.join("runs", "analysis", f"sweep-{args.data}")
     check_folders(out, args)
     results = run_sweep(opts.heads, opts.labels, opts.seeds, extras, out, opts.run_script, opts.protocol)

@@ -98,7 +98,8 @@ def run_sweep(heads, proportions, seeds, run_argv, out, script=None, protocol="c
         for labels in proportions:
             for seed in seeds:
                 folder = run_folder(out, base.data, head, labels, seed)
-                argv = head_argv(run_argv, head) + ["--head", head, "--labels", str(labels), "--seed", str(seed), "--out", folder]
+                argv = head_argv(run_argv, head) + ["--head", head, "--labels", str(labels), "--seed", str(seed),
+                                                    "--out", folder]
                 results.append(train_or_reuse(script, argv, folder,
                                               f"sweep: training {head}, labels {labels:g}, seed {seed}"))
     return results
