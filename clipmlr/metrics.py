@@ -53,8 +53,15 @@ def average_precision(scores, targets):
 
 
 def mean_average_precision(scores, targets):
-    """Mean of the per-class APs over classes that have a positive, in percent."""
+    """(mAP in percent, (C,) APs in [0, 1]): the mean over the classes that have a positive; NaN for the others.
+
+    Raises ValueError when no class has a positive (the mAP is undefined)."""
     ap = average_precision(scores, targets)
     if np.isnan(ap).all():
         raise ValueError("no class has a positive label: mAP is undefined")
-    return 100.0 * float(np.nanmean(ap))
+    return 100.0 * float(np.nanmean(ap)), ap
+
+
+def ap_by_class(classnames, ap):
+    """{class name: AP in percent, or None (JSON null) for a class with no positive test label}."""
+    return {name: None if np.isnan(a) else 100.0 * float(a) for name, a in zip(classnames, ap)}
