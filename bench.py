@@ -36,17 +36,18 @@ import time
 import torch
 from PIL import Image
 
+import run  # bench.py sits beside run.py, and times its train_one_epoch
 from clipmlr.analysis.templates import COCO_CLASSES
 from clipmlr import distributed
 from clipmlr.cache import encode_split, weights_fingerprint
-from clipmlr.cli import default_workers as cli_workers, encoder
+from clipmlr.cli import default_workers as cli_workers
 from clipmlr.clip.model import CLIP
 from clipmlr.augment import image_transform
 from clipmlr.data import VOC_CLASSES, ImageDataset, check_decodable, read_image
 from clipmlr.demo import DEMO_CLASSES, demo_split, tiny_clip
-from clipmlr.heads import HEADS, Prompts, build_head, parameter_groups
-from clipmlr.loss import asymmetric_loss
+from clipmlr.heads import HEADS, Prompts, build_head, frozen_encoder, parameter_groups
 from clipmlr.metrics import mean_average_precision
+from clipmlr.pipelines import collate
 
 COCO_IMAGES = 82_081 + 40_137  # train2014 + val2014 images with at least one object (what run.py reads)
 
@@ -93,7 +94,7 @@ def bench_image_encoder(model, size, batch, reps, device):
     images = torch.randn(batch, 3, size, size)
     if device.type == "cuda":
         images = images.pin_memory()  # as the DataLoader hands them over
-    encode = encoder(model, device)
+    encode = frozen_encoder(model, device)
 
     def run():
         with torch.inference_mode():
@@ -126,7 +127,7 @@ def bench_train_steps(model, classnames, size, batch, reps, device, heads=None, 
     """ms per training step of every head (or `heads`): cached (B, L, D) fp16 features vs (B, 3, S, S) images +
     encoder (not timed when `in_loop` is False)."""
     images = torch.randn(batch, 3, size, size)
-    encode = encoder(model, device)
+    encode = frozen_encoder(model, device)
     with torch.inference_mode():
         cached = encode(images[:1]).half().cpu()
     cached = cached.expand(batch, -1, -1).clone()  # (B, L, D) fp16, as a cached batch arrives
@@ -139,22 +140,20 @@ def bench_train_steps(model, classnames, size, batch, reps, device, heads=None, 
         head = build_head(name, model, classnames)
         optimizer = torch.optim.SGD(parameter_groups(head, 0.002, 1.0, 0.01), momentum=0.9)
 
-        def step(features, bf16=False):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = head(features)
-            loss = asymmetric_loss(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def steps(batch, features_of, n):  # n steps of run.py's own loop (its train_one_epoch), one sync at its end
+            run.train_one_epoch(head, [(batch, targets, None)] * n, features_of, optimizer, 1.0, device, quiet=True)
 
-        def one_in_loop():
-            step(encode(images))
-        out[name] = {"ms_cached": timed(lambda: step(cached.to(device, non_blocking=True).float()), device, reps)}
-        if in_loop:
-            out[name]["ms_in_loop"] = timed(one_in_loop, device, max(1, reps // 3), warmup=0)  # encoder warmed up
+        def from_cache(batch):
+            return batch.to(device, non_blocking=True).float()
+        out[name] = {"ms_cached": timed(lambda: steps(cached, from_cache, reps), device, 1) / reps}
+        if in_loop:  # the encoder is warmed up by now
+            out[name]["ms_in_loop"] = timed(lambda: steps(images, encode, max(1, reps // 3)), device, 1, 0) \
+                / max(1, reps // 3)
         if device.type == "cuda":  # the head's forward (text encoder included) under bf16 autocast too
-            out[name]["ms_cached_bf16"] = timed(lambda: step(cached.to(device, non_blocking=True).float(), True),
-                                                device, reps)
+            def under_bf16(n):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    steps(cached, from_cache, n)
+            out[name]["ms_cached_bf16"] = timed(lambda: under_bf16(reps), device, 1) / reps
     return out
 
 
@@ -168,25 +167,18 @@ def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
     head = build_head("positive", model, DEMO_CLASSES)
     optimizer = torch.optim.SGD(parameter_groups(head, 0.002, 1.0, 0.01), momentum=0.9)
 
-    encode = encoder(model, device)
+    encode = frozen_encoder(model, device)
 
-    def epoch(data, cached):
+    def epoch(data, cached):  # run.py's train_one_epoch over a fresh loader (each epoch starts its workers)
         t0 = time.perf_counter()
         loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=0 if cached else workers,
-                                             pin_memory=device.type == "cuda")
-        total = torch.zeros((), device=device)
-        for x, targets, _ in loader:
-            features = x.to(device, non_blocking=True).float() if cached else encode(x)  # as run.py does
-            loss = asymmetric_loss(head(features), targets.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-        total.item()  # one sync per epoch, as in run.py
+                                             pin_memory=device.type == "cuda", collate_fn=collate)
+        features_of = (lambda x: x.to(device, non_blocking=True).float()) if cached else encode
+        run.train_one_epoch(head, loader, features_of, optimizer, 1.0, device, quiet=True)
         return time.perf_counter() - t0
 
     key = {"clip": "random-tiny", "clip_sha256": None, "weights": weights_fingerprint(model), "data": "demo",
-           "image_size": size, "data_root": "bench", "split": "train", "view": "augmented"}
+           "image_size": size, "data_root": "bench", "split": "train", "view": "augmented", "device": device.type}
     build = dict(encode=encode, batch_size=batch, workers=workers)
     s_in_loop = min(epoch(train, False) for _ in range(epochs))  # each epoch starts its workers, as in run.py
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -219,7 +211,6 @@ def bench_pretrain(steps=3, batch=128, size=96):
 def bench_demo_runs():
     """`python run.py --data demo` as a newcomer runs it (the demo's defaults, in-process): the first run (the
     feature cache built) and a later one (the cache reused), in seconds."""
-    import run  # bench.py sits beside run.py
     with tempfile.TemporaryDirectory() as tmp:
         times = []
         for i in range(2):
@@ -334,7 +325,7 @@ def bench_device_pipeline(model, size, device, batch, workers, reps=3):
     the encoder runs. Plain and augmented. (On a CPU bench_pipelines measures the pipeline beside the others.)"""
     from clipmlr.augment import SeededViews
     from clipmlr.pipelines import collate, image_pipeline
-    encode = encoder(model, device)
+    encode = frozen_encoder(model, device)
     out = {"batch": batch, "device": str(device), "workers": workers}
     with tempfile.TemporaryDirectory() as folder:
         paths = voc_sized_jpegs(folder, batch)
@@ -434,9 +425,9 @@ def main(argv=None):
         ("demo_runs", lambda: bench_demo_runs() if not gpu else None),
     ]
     results["train_step_batch"], results["peak_mb"], results["seconds"] = step_batch, {}, {}
-    for section, run in sections:
+    for section, measure in sections:
         t0 = time.perf_counter()
-        results[section] = run()
+        results[section] = measure()
         results["peak_mb"][section] = peak_memory_mb(device)
         results["seconds"][section] = time.perf_counter() - t0
         print(f"  {section}: {results['seconds'][section]:.1f} s", flush=True)

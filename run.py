@@ -3,97 +3,125 @@
     python run.py --head positive --data voc --labels 0.1          # the paper's VOC2007 setting, 10% labels
     python run.py --head dual --data demo                          # offline demo, about a minute on a CPU
 
-The paper's protocol (PositiveCoOp, Sec. 4), top to bottom: the training labels are masked (each kept with
-probability --labels), a frozen CLIP turns every image into dense features, the head turns those into
-presence/absence logits, and the asymmetric loss trains the head for 50 epochs with SGD and a cosine schedule;
-the mAP of the LAST epoch on the full test split is the result. It goes to --out (default
-runs/<data>-<head>-<labels>-seed<seed>/).
+The paper's protocol (PositiveCoOp, Sec. 4), as `run` reads top to bottom: the training labels are masked (each
+kept with probability --labels); a frozen CLIP turns every image into dense features; the head turns those into
+presence/absence logits; the asymmetric loss trains the head for 50 epochs with SGD, a constant warm-up and a
+cosine schedule (`train_one_epoch`); the mAP of the LAST epoch on the full test split is the result (`evaluate`).
+It goes to --out (default runs/<data>-<head>-<labels>-seed<seed>/).
 
-The method is the core of clipmlr (clip/, heads.py, aggregation.py, loss.py, metrics.py, data.py). The lines
-marked [layer] call what goes beyond the paper: the feature cache, checkpoints and resume, torchrun.
+The method is the core of clipmlr (clip/, heads.py, aggregation.py, loss.py, metrics.py, data.py, augment.py).
+The lines marked [layer] call what goes beyond the paper: the feature cache, checkpoints and resume, torchrun,
+the input pipelines, and the command line (cli).
 """
-import contextlib
 import math
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from clipmlr.augment import EpochSampler, SeededViews
-from clipmlr.data import ImageDataset, check_decodable, mask_labels
-from clipmlr.heads import build_head, count_trainable, parameter_groups
+from clipmlr.data import check_decodable, mask_labels
+from clipmlr.heads import build_head, count_trainable, frozen_encoder, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
-from clipmlr.metrics import average_precision, margins_of
-from clipmlr import cache, checkpoint, cli, distributed, pipelines  # the layers
-
-
-def lr_factor(epoch, args):
-    """Constant warm-up, then cosine decay from the base lr (Dassl's schedule, which the authors train with)."""
-    if epoch < args.warmup_epochs:
-        return None  # every group at args.warmup_lr
-    return 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.epochs))
-
-
-def evaluate(head, test_set, features_of, batch_size, workers):
-    """(N, C) logit margins (presence − absence) of the whole test split: the scores every AP ranks by.
-
-    A margin never saturates, unlike an fp32 softmax probability (exactly 1.0 past a margin of ~17), so no two
-    confident images tie and the mAP does not depend on the order of the test images. [layer: torchrun] each
-    rank scores its own shard and the shards are gathered.
-    """
-    shard = distributed.shard(len(test_set))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, shard.tolist()), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=pipelines.collate)
-    margins = margins_of(head, loader, features_of).reshape(len(shard), len(test_set.labels[0]))  # (shard, C)
-    return distributed.gather_rows((shard, margins), len(test_set))
+from clipmlr.metrics import ap_by_class, margins_of, mean_average_precision
+from clipmlr import checkpoint, cli, distributed, pipelines  # the layers
 
 
 def run(args):
-    rank, world, device = distributed.setup(args.device)  # [layer: torchrun] one process per GPU, or just one
-    args.device = str(device)
+    rank, world, device = start(args)  # [layer: torchrun] one process per GPU, or just one
     say = print if rank == 0 else lambda *a, **k: None
-    if args.batch_size % world:
-        raise cli.RunError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; the global "
-                           f"batch is split evenly over them, so give a multiple of {world}")
-    cli.check_writable(args.out, "--out")  # before anything slow: a bad folder fails at once
-    if args.cache_features:
-        cli.check_writable(args.cache_dir, "--cache-dir")
     state = checkpoint.resume_state(args.out, cli.settings_of(args), args.resume)  # [layer: resume]
     if args.resume and state is None:
         say(f"no checkpoint in {args.out} yet: starting at epoch 1 (a begun feature cache goes on where it stopped)")
 
-    # data, and the partial labels: each training label kept with probability --labels (Sec. 4), seeded
-    train, train_y, test, test_y, classnames = cli.load_data(args, say)
+    # the data, and the partial labels: each training label kept with probability --labels (Sec. 4), seeded
+    train, train_y, test, test_y, classnames = cli.load_data(args, say)  # [layer: cli]
     mask_y = mask_labels(train_y, args.labels, args.seed) if state is None else state["mask"]
+    loss_weight = describe_data(args, mask_y, test_y, classnames, len(train), device, world, say)
+
+    # the frozen CLIP: images (B, 3, S, S) -> dense features (B, L, D), one per grid position + the mean token
+    model, clip_info = cli.load_clip(args, say)  # [layer: cli]
+    say(f"CLIP: {clip_info['name']} (sha256 {clip_info['sha256'][:12]}...)")
+    encode = frozen_encoder(model, device)  # model.encode_dense, no graph; bf16 on CUDA
+
+    # the head, and SGD with one learning rate per kind of parameter (context vectors, embeddings, projector)
+    head, optimizer = head_and_optimizer(args, model, classnames, loss_weight, say)
+    history, start_epoch, train_seconds = [], 0, 0.0
+    if state is not None:  # [layer: resume]
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
+        say(f"resuming {args.out} after epoch {start_epoch}")
+    trained = head
+    if world > 1:  # [layer: torchrun] gradients averaged over ranks; the loss is scaled to keep the sum's
+        trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment), or their cached features
+    loader, test_loader, shard, features_of = image_loaders(args, train, mask_y, test, test_y, encode, clip_info,
+                                                           model, rank, world, say)
+    ckpt_path = start_run_folder(args, mask_y, rank)  # every input has passed its checks: now the folder is written
+
+    # training: for epoch, for batch: images -> features -> head -> loss -> step; the test split's mAP at the end
+    ap = None
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.time()
+        set_learning_rates(optimizer, epoch, args)
+        loader.sampler.set_epoch(epoch)  # the order and the augmentations of this epoch (augment.EpochSampler)
+        mean_loss = train_one_epoch(trained, loader, features_of, optimizer, loss_weight, device, world,
+                                    desc=f"epoch {epoch + 1}", quiet=rank != 0)
+        if not math.isfinite(mean_loss):
+            raise cli.RunError(f"the loss became {mean_loss} in epoch {epoch + 1}; the run stops here. The last "
+                               f"good checkpoint is {ckpt_path}; lower the learning rates or --loss-weight and "
+                               f"start a new run")
+        train_seconds += time.time() - t0
+        record = {"epoch": epoch + 1, "loss": mean_loss, "lr": [g["lr"] for g in optimizer.param_groups],
+                  "seconds": time.time() - t0}
+        if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+            record["map"], ap = evaluate(head, test_loader, shard, features_of, test_y)
+        history.append(record)
+        say(progress_line(record, args.epochs, train_seconds / len(history) * (args.epochs - epoch - 1)))
+        if rank == 0:  # [layer: resume] every epoch, so a killed run loses at most one
+            checkpoint.save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
+                                    "mask": mask_y, "settings": cli.settings_of(args)}, ckpt_path)
+    if ap is None:  # resumed a run whose training had finished: evaluate its final head
+        history[-1]["map"], ap = evaluate(head, test_loader, shard, features_of, test_y)
+    return save_run(args, head, classnames, ap, history, train_seconds, loss_weight, clip_info, model, world, say)
+
+
+def start(args):
+    """(rank, world size, device), after the checks that need nothing loaded: a bad folder fails at once."""
+    rank, world, device = distributed.setup(args.device)
+    args.device = str(device)
+    if args.batch_size % world:
+        raise cli.RunError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; the global "
+                           f"batch is split evenly over them, so give a multiple of {world}")
+    cli.check_writable(args.out, "--out")
+    if args.cache_features:
+        cli.check_writable(args.cache_dir, "--cache-dir")
+    return rank, world, device
+
+
+def describe_data(args, mask_y, test_y, classnames, n_train, device, world, say):
+    """Says what the run trains on; returns the loss weight (--loss-weight, or the rule of the known fraction)."""
     known = (mask_y >= 0).float().mean().item()
-    say(f"data: {args.data}, {len(train)} training images ({known * 100:.1f}% of labels known), {len(test)} test "
+    say(f"data: {args.data}, {n_train} training images ({known * 100:.1f}% of labels known), {len(test_y)} test "
         f"images, {len(classnames)} classes; device {device}" + (f", {world} processes" if world > 1 else "")
         + f"; {cli.plural(args.workers, 'loader worker')}, --pipeline {args.pipeline}")
     if known == 0:
         raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
                            f"give a larger --labels")
-    loss_weight = loss_weight_rule(known) if args.loss_weight is None else args.loss_weight  # 0.03 at 50% of labels
     no_ap = [n for n, has in zip(classnames, (test_y == 1).any(dim=0).tolist()) if not has]
     if no_ap:
-        say(f"note: {len(no_ap)} class(es) have no known positive test label, so no AP (null), left out of the mAP: "
-            f"{', '.join(no_ap[:10])}{' ...' if len(no_ap) > 10 else ''}")
+        say(f"note: {len(no_ap)} class(es) have no known positive test label, so no AP (null), left out of the "
+            f"mAP: {', '.join(no_ap[:10])}{' ...' if len(no_ap) > 10 else ''}")
+    return loss_weight_rule(known) if args.loss_weight is None else args.loss_weight  # 0.03 at 50% of labels
 
-    # the frozen CLIP: images (B, 3, S, S) -> dense features (B, L, D), one per grid position + the mean token
-    model, clip_info = cli.load_clip(args, say)
-    say(f"CLIP: {clip_info['name']} (sha256 {clip_info['sha256'][:12]}...)")
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format  # faster convs
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    model.visual.to(memory_format=memory_format)
 
-    def encode(images):  # no graph through the frozen encoder; bf16 on CUDA, features back in fp32
-        # (with --pipeline device, `images` is a RawBatch of file bytes: .to() decodes and augments on the device)
-        with torch.no_grad(), autocast:
-            return model.encode_dense(images.to(device, non_blocking=True, memory_format=memory_format)).float()
-
-    # the head, and SGD with one learning rate per kind of parameter (context vectors, embeddings, projector)
+def head_and_optimizer(args, model, classnames, loss_weight, say):
+    """The head (initialised under --seed) and SGD over its parameter groups, each with its own learning rate."""
     torch.manual_seed(args.seed)  # the head's initialisation; the data order and augmentations seed themselves
     head = build_head(args.head, model, classnames, n_ctx=args.n_ctx, class_specific=not args.shared_context,
                       absence_weights=args.absence_weights, residual=not args.no_residual)
@@ -103,116 +131,109 @@ def run(args):
         group["base_lr"] = group["lr"]
     say(f"head: {args.head}, {count_trainable(head):,} trainable parameters ("
         + ", ".join(f"{g['name']} lr {g['lr']:g}" for g in groups) + f"), loss weight {loss_weight:.4g}")
-    history, start_epoch, train_seconds = [], 0, 0.0
-    if state is not None:  # [layer: resume]
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
-        say(f"resuming {args.out} after epoch {start_epoch}")
-    trained = head
-    if world > 1:  # [layer: torchrun] gradients averaged over ranks; the loss is scaled below to keep the sum
-        trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
+    return head, optimizer
 
-    # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment: augment.image_transform)
-    # [layer: input pipeline] on PIL images in the workers (the authors'), on tensors there, or on the device
-    train_set = ImageDataset(train, mask_y, pipelines.image_pipeline(args.image_size, args.augment, args.randaugment,
-                                                                     args.pipeline))
-    test_set = ImageDataset(test, test_y, pipelines.image_pipeline(args.image_size, False, pipeline=args.pipeline))
-    workers = args.workers
-    # every image must decode now, not fail in epoch 37 (a cache's build decodes them all, but nvJPEG less strictly)
+
+def image_loaders(args, train, mask_y, test, test_y, encode, clip_info, model, rank, world, say):
+    """(training loader, test loader, test shard, features_of): the images through the input pipeline, or with
+    --cache-features their features encoded once (training images in V augmented views) and read back.
+
+    The training order is a permutation seeded by (seed, epoch); [layer: torchrun] rank r takes every world-th
+    image of it, so the union of the ranks' batches k is the global batch k one process would see. Image i's
+    augmentation in epoch e is seeded by (seed, e, i) alone (SeededViews): the same whatever the workers or ranks,
+    and the same as the feature cache's view e; so the workers persist from epoch to epoch.
+    """
     if isinstance(train[0], str) and (not args.cache_features or args.pipeline == "device"):
+        # every image must decode now, not fail in epoch 37 (a cache's build decodes them all; nvJPEG less strictly)
         paths = list(train) + list(test)
-        say(f"checking that all {len(paths)} images decode ({args.workers} workers" + (f" x {world} processes)" if world > 1 else ")"))
+        say(f"checking that all {len(paths)} images decode ({args.workers} workers"
+            + (f" x {world} processes)" if world > 1 else ")"))
         check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] a share each
-    if args.cache_features:  # [layer: cache] every image encoded once (training images in V augmented views)
+    key = cli.feature_key(args, clip_info, model) if args.cache_features else None
+    if args.cache_features:  # [layer: cache]
         views = args.cache_views if args.augment else 1
-        key = cli.feature_key(args, clip_info, model)
         say(f"encoding the features: test images x 1, training images x {views} view(s), cached in {args.cache_dir}")
-        build = dict(encode=encode, batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir)
-        build["pin_memory"] = device.type == "cuda"  # as the training loader
-        test_set = cache.encode_split(test_set, 1, key={**key, "split": "test", "view": "plain"}, **build)  # short
-        train_set = cache.encode_split(train_set, views, seed=args.seed if args.augment else 0, key={
-            **key, "split": "train", "view": "augmented" if args.augment else "plain"}, **build)
-        workers = 0  # reading stored arrays needs no worker processes
+    test_loader, shard = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
+    train_set = cli.split_set(args, train, mask_y, True, encode, key)  # [layer: cli]
+    order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    if not args.cache_features:
+        train_set = SeededViews(train_set, args.epochs, args.seed)
+    workers = 0 if args.cache_features else args.workers  # reading stored arrays needs no worker processes
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world,
+                                         sampler=EpochSampler(order, len(order.dataset)), num_workers=workers,
+                                         persistent_workers=workers > 0, pin_memory=args.device.startswith("cuda"),
+                                         collate_fn=pipelines.collate)  # [layer: input pipeline]
+    return loader, test_loader, shard, cli.features_of(args, encode)
 
-    def features_of(batch):  # a batch of images -> the frozen CLIP's features; with the cache, already those
-        return batch.to(device, non_blocking=True).float() if args.cache_features else encode(batch)
 
-    # every input has passed its checks: now (and only now) the run's folder is written
+def start_run_folder(args, mask_y, rank):
+    """Creates --out (rank 0), clears what a killed write left, saves the label mask; the checkpoint's path."""
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         checkpoint.remove_stale(args.out)  # [layer: resume] temporary files of a run killed while writing
         checkpoint.save_atomic(mask_y, os.path.join(args.out, "mask.pt"))
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    return os.path.join(args.out, "checkpoint.pt")
 
-    # training: for epoch, for batch: images -> features -> head -> loss -> step
-    # the order is a permutation seeded by (seed, epoch); [layer: torchrun] rank r takes every world-th image of
-    # it, so the union of the ranks' batches k is the global batch k that one process would see. Image i's
-    # augmentation in epoch e is seeded by (seed, e, i) alone (SeededViews): the same whatever the workers or
-    # ranks, and the same as the feature cache's view e; so the workers persist from epoch to epoch.
-    order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
-    if not args.cache_features:
-        train_set, order = SeededViews(train_set, args.epochs, args.seed), EpochSampler(order, len(train_set))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, sampler=order,
-                                         num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=device.type == "cuda", collate_fn=pipelines.collate)
-    ap = None
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.time()
-        factor = lr_factor(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = args.warmup_lr if factor is None else group["base_lr"] * factor
-        order.set_epoch(epoch)
-        if args.cache_features:
-            train_set.set_epoch(epoch)  # [layer: cache] view epoch mod V
-        total = torch.zeros((), device=device)
-        for batch, targets, _ in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=rank != 0 or None):
-            features = features_of(batch)  # (B, L, D)
-            logits = trained(features)  # (B, C, 2): presence, absence
-            loss = loss_weight * asymmetric_loss(logits, targets.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world).backward()  # [layer: torchrun] DDP averages gradients; x world makes them the sum's
-            optimizer.step()
-            total += loss.detach()
-        mean_loss = distributed.all_sum(total).item() / len(loader)  # per global batch; one sync per epoch
-        if not math.isfinite(mean_loss):
-            raise cli.RunError(f"the loss became {mean_loss} in epoch {epoch + 1}; the run stops here. The last "
-                               f"good checkpoint is {ckpt_path}; lower the learning rates or --loss-weight and "
-                               f"start a new run")
-        train_seconds += time.time() - t0
-        record = {"epoch": epoch + 1, "loss": mean_loss, "lr": [g["lr"] for g in optimizer.param_groups],
-                  "seconds": time.time() - t0}
-        if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            ap = average_precision(evaluate(head, test_set, features_of, max(args.batch_size, 100), workers), test_y)
-            record["map"] = 100 * float(np.nanmean(ap))
-        history.append(record)
-        eta = train_seconds / len(history) * (args.epochs - epoch - 1)
-        say(f"epoch {epoch + 1:3d}/{args.epochs}  loss {mean_loss:9.4f}  lr {optimizer.param_groups[0]['lr']:.3g}  "
-            f"{record['seconds']:6.1f}s  eta {eta / 60:5.1f} min" + (f"  mAP {record['map']:.2f}" if "map" in record else ""))
-        if rank == 0:  # [layer: resume] every epoch, so a killed run loses at most one
-            checkpoint.save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
-                                    "mask": mask_y, "settings": cli.settings_of(args)}, ckpt_path)
-    if ap is None:  # resumed a run whose training had finished: evaluate its final head
-        ap = average_precision(evaluate(head, test_set, features_of, max(args.batch_size, 100), workers), test_y)
-        history[-1]["map"] = 100 * float(np.nanmean(ap))
 
-    # the result: the last epoch's mAP; a class with no positive test label has no AP (null) and is left out
+def set_learning_rates(optimizer, epoch, args):
+    """A constant warm-up (every group at --warmup-lr), then cosine decay from each group's base lr over
+    --epochs: Dassl's ConstantWarmupScheduler around CosineAnnealingLR, which the authors train with."""
+    for group in optimizer.param_groups:
+        if epoch < args.warmup_epochs:
+            group["lr"] = args.warmup_lr
+        else:
+            progress = (epoch - args.warmup_epochs) / args.epochs
+            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_one_epoch(head, loader, features_of, optimizer, loss_weight, device, world=1, desc="epoch", quiet=False):
+    """One pass over the training set; the mean loss per global batch (one host sync, at the end)."""
+    total = torch.zeros((), device=device)
+    for batch, targets, _ in tqdm(loader, desc=desc, leave=False, disable=quiet or None):
+        features = features_of(batch)  # (B, L, D): the frozen CLIP's encode_dense of the images (or its cache)
+        logits = head(features)  # (B, C, 2): presence, absence
+        loss = loss_weight * asymmetric_loss(logits, targets.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        (loss * world).backward()  # [layer: torchrun] DDP averages gradients; x world makes them the sum's
+        optimizer.step()
+        total += loss.detach()
+    return distributed.all_sum(total).item() / len(loader)
+
+
+def evaluate(head, test_loader, shard, features_of, test_y):
+    """(mAP in percent, (C,) APs) of the whole test split, ranked by the logit margins (presence − absence).
+
+    A margin never saturates, unlike an fp32 softmax probability (exactly 1.0 past a margin of ~17), so no two
+    confident images tie and the mAP does not depend on the order of the test images. [layer: torchrun] each
+    rank scores its own shard and the shards are gathered.
+    """
+    margins = margins_of(head, test_loader, features_of).reshape(len(shard), test_y.shape[1])  # (shard, C)
+    return mean_average_precision(distributed.gather_rows((shard, margins), len(test_y)), test_y)
+
+
+def progress_line(record, epochs, eta):
+    line = (f"epoch {record['epoch']:3d}/{epochs}  loss {record['loss']:9.4f}  lr {record['lr'][0]:.3g}  "
+            f"{record['seconds']:6.1f}s  eta {eta / 60:5.1f} min")
+    return line + (f"  mAP {record['map']:.2f}" if "map" in record else "")
+
+
+def save_run(args, head, classnames, ap, history, train_seconds, loss_weight, clip_info, model, world, say):
+    """Writes results.json (the last epoch's mAP, per-class APs, history, settings) and head.pt, a head that
+    describes itself (`python -m clipmlr.predict` rebuilds it from that file alone); returns the results."""
     results = {
         "head": args.head, "data": args.data, "labels": args.labels, "seed": args.seed, "map": history[-1]["map"],
-        "per_class_ap": {n: None if np.isnan(a) else 100 * float(a) for n, a in zip(classnames, ap)},
+        "per_class_ap": ap_by_class(classnames, ap),  # null for a class with no positive test label
         "trainable_params": count_trainable(head), "train_seconds": train_seconds, "history": history,
-        "clip": clip_info, "settings": cli.settings_of(args), "loss_weight": loss_weight, "device": str(device),
+        "clip": clip_info, "settings": cli.settings_of(args), "loss_weight": loss_weight, "device": args.device,
         "data_root": os.path.abspath(args.data_root), "cache_dir": os.path.abspath(args.cache_dir),
         "clip_path": os.path.abspath(args.clip) if args.clip and os.path.isfile(args.clip) else None,
-        "weights_dir": os.path.abspath(args.weights_dir),
-        "processes": world, "torch": torch.__version__,
+        "weights_dir": os.path.abspath(args.weights_dir), "processes": world, "torch": torch.__version__,
     }
     evaluated = [h for h in history if "map" in h]
     if len(evaluated) > 1:  # the authors keep their best epoch on the test set: for comparison with their tables
         best = max(evaluated, key=lambda h: h["map"])
         results["best_epoch_selected_on_test"] = {**best, "note": "chosen on the test set: not the result (map)"}
-    if rank == 0:  # head.pt describes itself: `python -m clipmlr.predict` rebuilds the head from it alone
+    if distributed.rank() == 0:  # [layer: checkpoint] atomic writes
         checkpoint.save_atomic({"state_dict": head.state_dict(), "head": args.head, "classnames": classnames,
                                 "n_ctx": args.n_ctx, "shared_context": args.shared_context,
                                 "absence_weights": args.absence_weights, "residual": not args.no_residual,
@@ -228,8 +249,10 @@ def main(argv=None):
     args = cli.parse_args(argv, prog="run.py")
     try:
         run(args)
-    except cli.ERRORS as e:  # the user's to fix: one line; anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not cli.is_user_error(e):  # a bug: it keeps its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)  # the user's to fix: one line
         return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted; the same command plus --resume continues from the last finished epoch in "

@@ -21,8 +21,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's preprocessing statistics
-STD = (0.26862954, 0.26130258, 0.27577711)
+from .clip import MEAN, STD  # CLIP's preprocessing statistics
 
 
 class Cutout:

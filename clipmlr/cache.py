@@ -1,16 +1,12 @@
-"""The frozen image encoder's dense features, computed once and kept (a layer: the method runs without it).
+"""The frozen image encoder's dense features, computed once and kept on disk (a layer: the method runs without it).
 
-The CLIP never changes, so its features of an image need not be computed 50 times. `encode_split(dataset, views,
-encode, batch_size, workers, cache_dir, key)` returns a dataset of (features (L, D) fp16, labels, index):
+The CLIP never changes, so its features of an image need not be computed 50 times.
+`encode_split(dataset, views, encode, batch_size, workers, cache_dir, key)` encodes every image `views` times into
+cache_dir (once: later epochs, other heads and label fractions read it back) and returns a dataset of
+(features (L, D) fp16, labels, index). `encode` is the caller's function from a batch of images (B, 3, S, S) to
+features (B, L, D): heads.frozen_encoder, the very function run.py's loop encodes with.
 
-    cache_dir=None     every image encoded `views` times up front and kept in memory (fp16)
-    cache_dir=DIR      the same, kept on disk (fp16, memory-mapped) and reused by later runs:
-                       later epochs, other heads and label fractions (augmented views: the same seed)
-
-`encode` is the caller's own function from a batch of images (B, 3, S, S) to features (B, L, D) — run.py
-passes the very function its training loop uses, so cached and in-loop features are computed alike.
-
-Epoch e serves view e mod V. The trade-off of V: in the loop, 50 epochs show every training image under 50
+Epoch e serves view e mod V (Stored). The trade-off of V: in the loop, 50 epochs show every training image under 50
 different augmentations and pay 50 encoder passes over the training set; the cache shows V of them over and
 over (V=1: no augmentation diversity at all) and pays V passes, once for every head and label fraction;
 augmented views are drawn under the run's seed, so each seed has its own (plain views are shared by all seeds).
@@ -26,7 +22,7 @@ A cache folder, DIR/<data>-<split>-<hash of the key>/, holds
                    the augmentations' seed, the device type and precision it was encoded in),
                    the shape, the chunk size, and whether the build is complete
     features.npy   (V, N, L, D) float16 in NumPy's format, read memory-mapped
-    done.npy       (V, chunks) uint8: 1 once that chunk of images is safely on disk
+    done.pt        (V, chunks) uint8 tensor: 1 once that chunk of images is safely on disk
 A killed build resumes at the first chunk not done. View v of image i is augmented under the item seed of
 (seed, v·N + i) alone, so a resumed build writes the very bytes an uninterrupted one would, whatever the
 workers — at the same
@@ -40,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 
@@ -52,7 +49,7 @@ from .checkpoint import save_atomic
 from .augment import SeededViews
 from .pipelines import collate
 
-CACHE_FORMAT = 2  # bump when the layout or the per-view seeding changes: old caches then no longer match
+CACHE_FORMAT = 3  # bump when the layout or the per-view seeding changes: old caches then no longer match
 
 
 class CacheError(ValueError):
@@ -60,20 +57,19 @@ class CacheError(ValueError):
 
 
 class Stored(torch.utils.data.Dataset):
-    """Features computed once, (V, N, L, D) fp16 (an array or a read-only memmap); view `epoch mod V` served."""
+    """Features computed once, (V, N, L, D) fp16 (a read-only memmap). Item j is view (j // N) mod V of image
+    j mod N: the indices augment.EpochSampler gives in epoch e (e·N + i) serve view e mod V, and plain indices
+    0..N-1 (the test split) view 0."""
 
     def __init__(self, features, labels):
-        self.features, self.labels, self.view = features, labels, 0
+        self.features, self.labels = features, labels
 
     def __len__(self):
         return self.features.shape[1]
 
-    def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.features[self.view, i])), self.labels[i], i  # (L, D) copy
-
-    def set_epoch(self, epoch):
-        self.view = epoch % self.features.shape[0]
-
+    def __getitem__(self, j):
+        view, i = divmod(j, len(self))
+        return torch.from_numpy(np.array(self.features[view % self.features.shape[0], i])), self.labels[i], i
 
 @torch.inference_mode()
 def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="encoding", seed=0,
@@ -164,16 +160,6 @@ def check_meta(folder, meta, key):
                              f"needs {field}={key.get(field)!r}; delete that folder or pass another --cache-dir")
 
 
-def write_done(path, done):
-    """Writes the (K, chunks) progress record atomically: a crash leaves the old record or the new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, done)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def open_cache(folder, key, shape_of, chunk):
     """(meta, done (K, chunks) uint8) of the cache in `folder`: checked if it exists, else created with the
     shape `shape_of()` (K, N, L, D) — a forward pass, skipped for an existing cache (its key fixes L and D)."""
@@ -184,10 +170,11 @@ def open_cache(folder, key, shape_of, chunk):
                 meta = json.load(f)
             check_meta(folder, meta, key)
             stored = np.load(features_path, mmap_mode="r").shape
-            done = np.load(os.path.join(folder, "done.npy"))
+            done = torch.load(os.path.join(folder, "done.pt"), weights_only=True)
             consistent = list(stored) == meta["shape"] and list(stored[:2]) == [key["views"], key["n_images"]] \
-                and done.shape == (stored[0], -(-stored[1] // meta["chunk"]))
-        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:  # damaged: cut short, overwritten, ...
+                and tuple(done.shape) == (stored[0], -(-stored[1] // meta["chunk"]))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            # damaged: cut short, overwritten, ...
             raise CacheError(f"the feature cache {folder} is unreadable ({type(e).__name__}: {e}); delete that "
                              f"folder") from None
         if not consistent:
@@ -201,92 +188,63 @@ def open_cache(folder, key, shape_of, chunk):
         raise CacheError(f"the feature cache needs {size / 1e9:.1f} GB in {folder} but {free / 1e9:.1f} GB are "
                          f"free; pass a smaller --cache-views or another --cache-dir")
     np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=shape).flush()  # a sparse file
-    done = np.zeros((shape[0], -(-shape[1] // chunk)), dtype=np.uint8)  # (K, chunks)
-    write_done(os.path.join(folder, "done.npy"), done)
+    done = torch.zeros(shape[0], -(-shape[1] // chunk), dtype=torch.uint8)  # (V, chunks)
+    save_atomic(done, os.path.join(folder, "done.pt"))
     meta = {"key": key, "shape": list(shape), "dtype": "float16", "chunk": chunk, "complete": False}
     save_atomic(meta, meta_path)  # last: a folder without meta.json is an unfinished creation, made again
     return meta, done
 
 
 def cached_features(dataset, encode, batch_size, workers, cache_dir, key, pin_memory=False):
-    """(K, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first.
+    """(V, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first.
 
-    Under torchrun the ranks share the build: rank r encodes every world-th unfinished chunk and records its
-    progress in done.rank<r>.npy; rank 0 merges the records once all ranks are through.
+    One process builds, holding the folder's lock: two independent runs on one cache folder never build it at
+    once (the second waits, then finds it complete). Under torchrun rank 0 builds while the other ranks wait at
+    a barrier (a cache is built once and read by every later run, so one GPU building it costs little).
     """
     folder = cache_folder(cache_dir, key)
-    rank, world = distributed.rank(), distributed.world_size()
-    os.makedirs(folder, exist_ok=True)
-    features_path, done_path = os.path.join(folder, "features.npy"), os.path.join(folder, "done.npy")
-    views = key["views"]
-
-    def shape_of():
-        return (views, len(dataset), *feature_shape(dataset, encode))
-
-    with build_lock(folder) if world == 1 else contextlib.nullcontext():  # ranks coordinate by barriers instead
-        if rank == 0:
-            meta, done = open_cache(folder, key, shape_of, batch_size)
-        distributed.barrier()
-        if rank != 0:
-            meta, done = open_cache(folder, key, shape_of, batch_size)
-        if not meta["complete"]:
-            done = merged_progress(folder, done)  # a killed sharded build left per-rank records
-            chunk, shape = meta["chunk"], meta["shape"]  # the first attempt's chunk grid, whatever the batch now
-            todo = [(v, c) for v in range(done.shape[0]) for c in range(done.shape[1]) if not done[v, c]]
-            if rank == 0 and len(todo) < done.size:
-                print(f"resuming the feature cache {folder}: {done.size - len(todo)} of {done.size} chunks done")
-            progress_path = done_path if world == 1 else os.path.join(folder, f"done.rank{rank}.npy")
-            offset = np.load(features_path, mmap_mode="r").offset  # bytes of the .npy header
-            row = int(np.prod(shape[2:])) * 2  # bytes of one image's (L, D) fp16 features
-
-            with open(features_path, "r+b") as f:
-                def store(v, c, features):
-                    f.seek(offset + (v * shape[1] + c * chunk) * row)
-                    f.write(features.tobytes())
-                    f.flush()
-                    os.fsync(f.fileno())  # the features reach the disk before the record says so
-                    done[v, c] = 1
-                    write_done(progress_path, done)
-
-                encode_chunks(dataset, encode, views, chunk, todo[rank::world], workers, store,
-                              desc=f"caching {key.get('split', '')} features", seed=key["seed"],
-                              pin_memory=pin_memory)
-            distributed.barrier()
-            if rank == 0:
-                done = merged_progress(folder, done)
-                assert done.all(), "every chunk of the cache must be built before it is marked complete"
-                write_done(done_path, done)
-                save_atomic({**meta, "complete": True}, os.path.join(folder, "meta.json"))
-        distributed.barrier()
-    return np.load(features_path, mmap_mode="r")
+    if distributed.rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        with build_lock(folder):
+            meta, done = open_cache(folder, key, lambda: (key["views"], len(dataset),
+                                                            *feature_shape(dataset, encode)), batch_size)
+            if not meta["complete"]:
+                build(folder, meta, done, dataset, encode, workers, key, pin_memory)
+    distributed.barrier()  # the other ranks wait for rank 0's build
+    return np.load(os.path.join(folder, "features.npy"), mmap_mode="r")
 
 
-def merged_progress(folder, done):
-    """`done` or-ed with the per-rank progress records of a sharded build (done.rank<r>.npy)."""
-    for name in sorted(os.listdir(folder)):
-        if re.fullmatch(r"done\.rank\d+\.npy", name):
-            done = done | np.load(os.path.join(folder, name))
-    return done
+def build(folder, meta, done, dataset, encode, workers, key, pin_memory):
+    """Encodes every (view, chunk) not yet done into folder/features.npy, then marks the cache complete."""
+    chunk, shape = meta["chunk"], meta["shape"]  # the first attempt's chunk grid, whatever the batch now
+    todo = [(v, c) for v in range(done.shape[0]) for c in range(done.shape[1]) if not done[v, c]]
+    if len(todo) < done.numel():
+        print(f"resuming the feature cache {folder}: {done.numel() - len(todo)} of {done.numel()} chunks done")
+    features_path = os.path.join(folder, "features.npy")
+    offset = np.load(features_path, mmap_mode="r").offset  # bytes of the .npy header
+    row = int(np.prod(shape[2:])) * 2  # bytes of one image's (L, D) fp16 features
+    with open(features_path, "r+b") as f:
+        def store(v, c, features):
+            f.seek(offset + (v * shape[1] + c * chunk) * row)
+            f.write(features.tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # the features reach the disk before the record says so
+            done[v, c] = 1
+            save_atomic(done, os.path.join(folder, "done.pt"))
+
+        encode_chunks(dataset, encode, key["views"], chunk, todo, workers, store,
+                      desc=f"caching {key.get('split', '')} features", seed=key["seed"], pin_memory=pin_memory)
+    save_atomic({**meta, "complete": True}, os.path.join(folder, "meta.json"))
 
 
-def encode_split(dataset, views, encode, batch_size, workers, cache_dir=None, key=None, seed=0,
-                 pin_memory=False):
-    """`views` encodings of every image of `dataset` (view v of image i augmented as SeededViews' item v·N + i
-    under `seed`), kept in memory or, with `cache_dir`, on disk; a `Stored` dataset of them.
+def encode_split(dataset, views, encode, batch_size, workers, cache_dir, key, seed=0, pin_memory=False):
+    """A `Stored` dataset of `views` encodings of every image of `dataset`, kept in `cache_dir` (built first when
+    missing or unfinished). View v of image i is augmented as SeededViews' item v·N + i under `seed`.
 
     `key` (a dict of JSON values: clip, clip_sha256 or weights, data, data_root, image_size, split, view, device,
     precision) names what the features depend on; the image list, the transform, `views` and `seed` are added to
     it here. `pin_memory`: as the run's own loader (True on CUDA).
     """
-    if cache_dir is not None:
-        features = cached_features(dataset, encode, batch_size, workers, cache_dir,
-                                   cache_key(key, dataset, views, seed), pin_memory)
-    else:
-        features = np.empty((views, len(dataset), *feature_shape(dataset, encode)), dtype=np.float16)
-
-        def store(v, c, f):
-            features[v, c * batch_size: c * batch_size + len(f)] = f
-
-        todo = [(v, c) for v in range(views) for c in range(-(-len(dataset) // batch_size))]
-        encode_chunks(dataset, encode, views, batch_size, todo, workers, store, seed=seed, pin_memory=pin_memory)
+    features = cached_features(dataset, encode, batch_size, workers, cache_dir, cache_key(key, dataset, views, seed),
+                               pin_memory)
     return Stored(features, dataset.labels)

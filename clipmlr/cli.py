@@ -4,10 +4,11 @@
     check_writable(path, "--out")               before anything is loaded, so a bad folder fails at once
     train, train_y, test, test_y, classnames = load_data(args)        VOC2007, COCO2014 or the offline demo
     model, clip_info = load_clip(args)          a checkpoint, an OpenAI name, or "demo" (the miniature)
-    loader, features_of = test_split(...)       the test split as run.py scores it (predict, zero-shot)
+    split_set(args, images, labels, train, ...) a split as run.py reads it: images, or their cached features
+    loader, shard = test_split(...)             this rank's share of the test split, as run.py scores it
 
-Errors a user can cause are the project's own types (ERRORS); run.py and the analyses print them as one line and
-exit with status 2. Anything else is a bug and keeps its traceback.
+Errors a user can cause are the project's own types (`is_user_error`); run.py and the analyses print them as one
+line and exit with status 2. Anything else is a bug and keeps its traceback.
 """
 import argparse
 import math
@@ -16,23 +17,23 @@ import tempfile
 
 import torch
 
-from . import clip
-from .cache import CacheError, encode_split, weights_fingerprint
-from .checkpoint import CheckpointError
-from .data import DataError, ImageDataset, load_coco, load_voc
-from .folder import load_folder
-from .demo import DEMO_CLASSES, DEMO_CLIP, MINIATURE_NOTE, demo_clip_path, demo_split
-from .download import download_coco, download_voc
-from .heads import HEADS, HeadError, prompt_tokens
-from .pipelines import collate, image_pipeline
+from . import clip, distributed
+from .data import ImageDataset, load_coco, load_voc
+from .heads import HEADS, prompt_tokens
+
+# The other layers (the cache, downloads, your own folder, the demo, the input pipelines) are imported where they
+# are used, so a project that vendors the loop without them still runs.
 
 
 class RunError(Exception):
     """A run that cannot start or go on (a folder that cannot be written, a loss that became NaN, ...)."""
 
 
-ERRORS = (RunError, DataError, CheckpointError, CacheError, HeadError, clip.DownloadError, clip.LoadError,
-          clip.NoCheckpoint)  # the user's to fix: one line
+def is_user_error(error):
+    """True for an error the user can cause and fix (run.py and the commands print it as one line, exit 2): every
+    error type clipmlr defines (DataError, CacheError, CheckpointError, RunError, clip.LoadError, ...). Python's
+    own (an AssertionError, a TypeError, ...) is a bug and keeps its traceback."""
+    return type(error).__module__.split(".")[0] == "clipmlr"
 
 
 class Parser(argparse.ArgumentParser):
@@ -130,9 +131,9 @@ def parse_args(argv=None, prog=None):
     check_values(p, args)
     if args.workers is None:
         args.workers = default_workers()
-    if args.clip and args.clip not in [DEMO_CLIP, *clip.available_models()] and not os.path.isfile(args.clip):
+    if args.clip and args.clip not in ["demo", *clip.available_models()] and not os.path.isfile(args.clip):
         p.error(f"--clip {args.clip}: no such file, and not one of the model names "
-                f"{[DEMO_CLIP, *clip.available_models()]}")
+                f"{['demo', *clip.available_models()]}")
     demo = args.data == "demo"
     args.cache_features = demo if args.cache_features is None else args.cache_features
     args.augment = not demo if args.augment is None else args.augment
@@ -269,6 +270,7 @@ def check_writable(path, option):
 def load_data(args, say=print):
     """(train images, (N, C) train labels, test images, (N', C) test labels, class names) that --data names."""
     if args.data == "demo":
+        from .demo import DEMO_CLASSES, demo_split
         # the demo set and its CLIP are fixed (seed 0) like a real dataset; --seed varies mask, init and order
         say(f"generating the demo images ({args.demo_images} training, {max(1, args.demo_images // 2)} test)")
         train, train_y = demo_split(args.demo_images, 0, args.image_size)
@@ -276,12 +278,14 @@ def load_data(args, say=print):
         names = list(DEMO_CLASSES)
     else:
         if args.download:
+            from .download import download_coco, download_voc
             (download_voc if args.data == "voc" else download_coco)(args.data_root)
         say(f"reading the {args.data} labels in {args.data_root}")
         if args.data == "voc":
             train, train_y, names = load_voc(args.data_root, "trainval", args.voc_difficult)
             test, test_y, _ = load_voc(args.data_root, "test", args.voc_difficult)
         elif args.data == "folder":
+            from .folder import load_folder
             train, train_y, names = load_folder(args.data_root, "train")
             test, test_y, _ = load_folder(args.data_root, "test", names)
         else:
@@ -296,52 +300,62 @@ def load_clip(args, say=print):
     """(model, {"name", "sha256"}) of the CLIP that --clip names: an OpenAI name (downloaded into --weights-dir),
     a checkpoint file, or "demo", the miniature pretrained on the demo's scenes (weights/demo-clip.pt; the
     default for --data demo, and usable on any data)."""
-    name = args.clip or (DEMO_CLIP if args.data == "demo" else "RN101")
-    if name == DEMO_CLIP:
+    name = args.clip or ("demo" if args.data == "demo" else "RN101")
+    path = name
+    if name == "demo":
+        from .demo import MINIATURE_NOTE, demo_clip_path
         path = demo_clip_path()
         if not os.path.isfile(path):
             raise RunError(f"the demo's CLIP {path} is missing; build it with `python -m clipmlr.pretrain --out "
                            f"{path}` (minutes on a CPU), or give another --clip")
         say(f"loading CLIP {name}: {MINIATURE_NOTE}")
-        model, sha = clip.load(path, device=args.device)
-        return model, {"name": name, "sha256": sha}
-    say(f"loading CLIP {name}")
-    model, sha = clip.load(name, device=args.device, root=args.weights_dir)
-    return model, {"name": name, "sha256": sha}
+    else:
+        say(f"loading CLIP {name}")
+    model, _ = clip.load(path, device=args.device, download_root=args.weights_dir)
+    return model, {"name": name, "sha256": model.sha256}
 
 
 def clip_identity(clip_info, model):
     """What names a CLIP's weights: its checkpoint's sha256, or for an unsaved (random) model a hash of them."""
+    from .cache import weights_fingerprint
     return clip_info["sha256"] or f"weights {weights_fingerprint(model)}"
 
 
-def encoder(model, device):
-    """images (B, 3, S, S) -> dense features (B, L, D) fp32, computed as run.py's `encode` computes them
-    (channels_last and bf16 autocast on CUDA), so that the analyses and predict share run.py's feature cache."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    model.visual.to(memory_format=memory_format)
+def split_set(args, images, labels, train, encode=None, key=None):
+    """One split as run.py reads it: the images through --pipeline (augmented for training with --augment), or
+    with --cache-features their features from the cache (encoded now by `encode` when missing; `key` is
+    `feature_key`'s). Items are (image (3, S, S) or features (L, D), labels (C,), index)."""
+    from .pipelines import image_pipeline
+    augment = train and args.augment
+    dataset = ImageDataset(images, labels, image_pipeline(args.image_size, augment, args.randaugment,
+                                                          args.pipeline))
+    if not args.cache_features:
+        return dataset
+    from .cache import encode_split  # [layer: cache] every image encoded once (training: V augmented views)
+    views = args.cache_views if augment else 1
+    key = {**key, "split": "train" if train else "test", "view": "augmented" if augment else "plain"}
+    return encode_split(dataset, views, encode, args.batch_size, args.workers, args.cache_dir, key,
+                        seed=args.seed if augment else 0, pin_memory=torch.device(args.device).type == "cuda")
 
-    def encode(images):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model.encode_dense(images.to(device, non_blocking=True, memory_format=memory_format)).float()
-    return encode
+
+def test_split(args, test, test_y, encode, key, batch_size):
+    """(loader, shard): this process's share of the test split as run.py scores it (all of it with one process;
+    [layer: torchrun] a contiguous shard per rank), and the shard's image indices."""
+    from .pipelines import collate
+    test_set = split_set(args, test, test_y, False, encode, key)
+    shard = distributed.shard(len(test_set))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, shard.tolist()), batch_size=batch_size,
+                                         num_workers=0 if args.cache_features else args.workers, collate_fn=collate)
+    return loader, shard
 
 
-def test_split(args, test, test_y, model, clip_info, batch_size):
-    """(loader, features_of) of the test split as run.py scores it: its pipeline, and with --cache-features the
-    same cached test features (encoded now if missing). `features_of(batch)` gives (B, L, D) fp32 features."""
+def features_of(args, encode):
+    """batch -> (B, L, D) fp32 features on the run's device: `encode` on images, or, with --cache-features,
+    the cached features (fp16 on disk) moved there."""
+    if not args.cache_features:
+        return encode
     device = torch.device(args.device)
-    encode = encoder(model, device)
-    test_set = ImageDataset(test, test_y, image_pipeline(args.image_size, False, pipeline=args.pipeline))
-    if args.cache_features:
-        key = {**feature_key(args, clip_info, model), "split": "test", "view": "plain"}
-        test_set = encode_split(test_set, 1, encode, args.batch_size, args.workers, args.cache_dir, key,
-                                pin_memory=device.type == "cuda")
-    loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size, collate_fn=collate,
-                                         num_workers=0 if args.cache_features else args.workers)
-    if args.cache_features:
-        return loader, lambda batch: batch.to(device, non_blocking=True).float()
-    return loader, encode
+    return lambda batch: batch.to(device, non_blocking=True).float()
 
 
 def settings_argv(settings):
@@ -365,6 +379,7 @@ def feature_key(args, clip_info, model):
     key = {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
            "image_size": args.image_size, "data_root": None if args.data == "demo" else os.path.abspath(args.data_root),
            "device": device, "precision": "bf16 autocast" if device == "cuda" else "fp32"}
-    if clip_info["sha256"] is None:  # an unsaved model (the demo's): named by its weights
+    if clip_info["sha256"] is None:  # an unsaved model (a test's random one): named by its weights
+        from .cache import weights_fingerprint
         key["weights"] = weights_fingerprint(model)
     return key

@@ -3,6 +3,7 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op for one process. NCCL on
 GPUs, gloo on CPUs. Each rank trains on its shard of every global batch; only rank 0 writes files.
 """
+import datetime
 import os
 
 import torch
@@ -18,7 +19,10 @@ def setup(device):
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    # a long timeout: the other ranks wait at a barrier while rank 0 builds a feature cache (hours for COCO);
+    # if a rank fails, torchrun stops them all, so a long timeout never leaves a run hanging
+    dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=24))
     return rank, world, torch.device(device)
 
 

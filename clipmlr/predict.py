@@ -25,7 +25,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,8 +32,8 @@ from . import cli, distributed
 from .augment import image_transform
 from .checkpoint import save_atomic
 from .data import DataError, read_image
-from .heads import build_head
-from .metrics import average_precision, margin, margins_of
+from .heads import build_head, frozen_encoder
+from .metrics import margin, margins_of, mean_average_precision
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 HEAD_KEYS = ("state_dict", "head", "classnames", "n_ctx", "shared_context", "absence_weights", "residual",
@@ -182,7 +181,7 @@ def predict(head, model, paths, image_size, device, batch_size=32, workers=0):
     """Yields (path, (C,) margins) per readable image, in order, and (path, error message) per unreadable
     one. Images are read and encoded batch by batch (never all in memory); the class embeddings are computed
     once."""
-    encode = cli.encoder(model, device)
+    encode = frozen_encoder(model, device)
     head.eval()
     embeddings = head.class_embeddings()
     data = Images(paths, image_transform(image_size, train=False), image_size)
@@ -199,10 +198,10 @@ def evaluate(head, model, record, results, args):
     """The run's test mAP again, from head.pt, computed as run.py computed it (same features, same
     batches)."""
     _, _, test, test_y, _ = cli.load_data(args, say=lambda *a: None)
-    loader, features_of = cli.test_split(args, test, test_y, model, results["clip"],
-                                         max(args.batch_size, 100))
-    ap = average_precision(margins_of(head, loader, features_of), test_y)
-    return 100 * float(np.nanmean(ap)), ap
+    encode = frozen_encoder(model, args.device)
+    key = cli.feature_key(args, results["clip"], model) if args.cache_features else None
+    loader, _ = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
+    return mean_average_precision(margins_of(head, loader, cli.features_of(args, encode)), test_y)
 
 
 def parse_args(argv=None):
@@ -299,8 +298,10 @@ def main(argv=None):
     opts = parse_args(argv)
     try:
         return run(opts)
-    except (PredictError, *cli.ERRORS) as e:  # the user's to fix; anything else keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not cli.is_user_error(e):  # a bug: it keeps its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)  # the user's to fix: one line
         return 2
 
 

@@ -21,9 +21,9 @@ from PIL import Image
 from .. import cli
 from ..checkpoint import save_atomic
 from ..augment import image_transform
-from ..heads import HEADS
+from ..heads import HEADS, frozen_encoder
 from ..aggregation import prompt_logits
-from ..metrics import average_precision, margin
+from ..metrics import ap_by_class, margin, mean_average_precision
 from ..predict import PredictError, load_head
 from .plots import similarity_figure
 from ..demo import DEMO_CLASSES, DEMO_CLIP
@@ -47,13 +47,15 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     model, clip_info = cli.load_clip(args)
     device = torch.device(args.device)
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
-    loader, features_of = cli.test_split(args, test, test_y, model, clip_info, args.batch_size)  # run.py's cache
+    encode = frozen_encoder(model, device)
+    key = cli.feature_key(args, clip_info, model) if args.cache_features else None
+    loader, _ = cli.test_split(args, test, test_y, encode, key, args.batch_size)  # run.py's cache
+    features_of = cli.features_of(args, encode)
     logits = torch.cat([prompt_logits(features_of(x), *embeddings).float().cpu() for x, _, _ in loader])  # (N, C, 2)
-    ap = average_precision(margin(logits), test_y)  # presence − absence, as the heads are ranked
-    alone = average_precision(logits[..., 0], test_y)  # the presence prompt alone: "not a photo of" left out
-    return {"map": 100 * float(np.nanmean(ap)),  # a class with no positive test label: no AP (null), left out
-            "map_presence_alone": 100 * float(np.nanmean(alone)),
-            "per_class_ap": {n: None if np.isnan(a) else 100 * float(a) for n, a in zip(classnames, ap)},
+    mean_ap, ap = mean_average_precision(margin(logits), test_y)  # presence − absence, as the heads are ranked
+    alone, _ = mean_average_precision(logits[..., 0], test_y)  # the presence prompt alone: "not a photo of" out
+    return {"map": mean_ap, "map_presence_alone": alone,  # a class with no positive test label: no AP (null)
+            "per_class_ap": ap_by_class(classnames, ap),
             "presence": presence, "absence": absence, "data": args.data, "image_size": args.image_size,
             "test_images": len(test), "clip": clip_info, "settings": zero_shot_settings(args)}
 
@@ -324,8 +326,10 @@ def main(argv=None):
                 raise AnalysisError(f"the prompt template {template!r} must hold exactly one {{}} for the class "
                                     f"name, e.g. 'a photo of a {{}}.'")
         COMMANDS[opts.command](opts, extras)
-    except (AnalysisError, SweepError, *cli.ERRORS) as e:  # the user's to fix; anything else keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not cli.is_user_error(e):  # a bug: it keeps its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)  # the user's to fix: one line
         return 2
     return 0
 

@@ -137,28 +137,44 @@ def read_state_dict(path):
     return state_dict
 
 
-def load(name_or_path="RN101", device="cpu", root="weights", url=None):
-    """A CLIP by name (see `available_models`, downloaded into `root` if needed) or from a checkpoint file.
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # the statistics of CLIP's training images (openai/CLIP, clip.py)
+STD = (0.26862954, 0.26130258, 0.27577711)
 
-    Returns `(model, sha256)`: an fp32 model in eval mode on `device`, every parameter frozen, and the
-    checkpoint file's sha256 (so results can name the exact weights they came from).
+
+def preprocess_for(resolution):
+    """OpenAI's `preprocess` for a model of that input side: a PIL image -> (3, S, S) tensor, by a bicubic resize
+    of the short side to S, a centre crop, RGB, and CLIP's normalisation. (The paper's transform, a plain resize
+    to S x S with no crop, is augment.image_transform; run.py uses that one.)"""
+    from torchvision import transforms as T  # the CLIP itself needs no torchvision
+    return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
+                      lambda image: image.convert("RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def load(name_or_path="RN101", device="cpu", download_root="weights", url=None):
+    """`model, preprocess = load(...)`, OpenAI's convention: a CLIP by name (see `available_models`, downloaded
+    into `download_root`, default ./weights, if not there already) or from a checkpoint file.
+
+    `model` is fp32, in eval mode on `device`, every parameter frozen; `model.sha256` is the checkpoint file's
+    sha256 (so results can name the exact weights they came from). `preprocess` is OpenAI's image transform for
+    the model's input side (`preprocess_for`). `url` overrides OpenAI's address (the tests serve a local one).
     """
     name_or_path = os.fspath(name_or_path)
     sha = None
     if name_or_path in MODELS:
-        path = download(name_or_path, root, url)
+        path = download(name_or_path, download_root, url)
         sha = MODELS[name_or_path]  # download verified it
     elif os.path.isfile(name_or_path):
         path = name_or_path
     elif os.path.sep in name_or_path or name_or_path.endswith((".pt", ".pth")):
         raise NoCheckpoint(f"no CLIP checkpoint at {os.path.abspath(name_or_path)}; "
-                                f"give an existing file or one of the names {available_models()}")
+                           f"give an existing file or one of the names {available_models()}")
     else:
         raise LoadError(f"unknown CLIP model {name_or_path!r}; the available models are {available_models()}, "
-                         f"or give the path of a checkpoint file")
+                        f"or give the path of a checkpoint file")
     try:
         model = build_model(read_state_dict(path))
     except ValueError as e:  # build_model's word for a state dict that is no CLIP ResNet
         raise LoadError(f"{path}: {e}") from None
     model.requires_grad_(False)
-    return model.to(device), sha or sha256_of(path)
+    model.sha256 = sha or sha256_of(path)
+    return model.to(device), preprocess_for(model.visual.input_resolution)
