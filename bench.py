@@ -17,9 +17,9 @@ speed does not depend on them):
      (workers read bytes, the loader's pin-memory thread decodes and augments), beside the encoder alone
   6. predict (`python -m clipmlr.predict`): images/s over a folder of demo images
   7. peak memory; with RN101, the projected hours of the paper's VOC2007 and COCO2014 runs (50 epochs of
-     PositiveCoOp; the test split encoded once), with the encoder in the loop and with the feature cache (K views),
-     from the rates measured above: on a GPU the encoder fed by the device pipeline; on a CPU the encoder alone
-     or the PIL pipeline's per-core rate times run.py's default workers, whichever is slower
+     PositiveCoOp; the test split encoded once), with the encoder in the loop and with the feature cache
+     (K views), from the rates measured above: on a GPU the encoder fed by the device pipeline; on a CPU the
+     encoder alone or the PIL pipeline's per-core rate times run.py's default workers, whichever is slower
 On CUDA the image encoder runs under bf16 autocast with channels_last, as run.py does; the train
 step is also timed with the head under bf16 autocast. Without --quick, a CPU run takes a few minutes.
 """
@@ -81,7 +81,8 @@ def timed(fn, device, reps, warmup=1):
 
 
 def peak_memory_mb(device):
-    """Peak GPU memory allocated since the last reset (CUDA) or the process's peak resident set (CPU), in MB."""
+    """Peak GPU memory allocated since the last reset (CUDA) or the process's peak resident set (CPU),
+    in MB."""
     if device.type == "cuda":
         mb = torch.cuda.max_memory_allocated(device) / 2**20
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,8 +107,9 @@ def bench_text_encoder(model, classnames, n_ctx, reps, device):
     """Forward + backward of the prompts' text features on all 77 tokens vs on the true length."""
     prompts = Prompts(model, classnames, n_ctx).to(device)
     short = prompts.embeddings()  # (C, T', W): Prompts keeps the tokens up to the last EOT only
+    # (C, 77 - T', W) padding tokens
     pad = model.token_embedding(torch.zeros(len(classnames), model.context_length - short.shape[1],
-                                            dtype=torch.long, device=device))  # (C, 77 - T', W) padding tokens
+                                            dtype=torch.long, device=device))
 
     def run(truncate):
         x = torch.cat([prompts.embeddings(), pad], dim=1)  # (C, 77, W), rebuilt each step as in training
@@ -124,8 +126,8 @@ def bench_text_encoder(model, classnames, n_ctx, reps, device):
 
 
 def bench_train_steps(model, classnames, size, batch, reps, device, heads=None, in_loop=True):
-    """ms per training step of every head (or `heads`): cached (B, L, D) fp16 features vs (B, 3, S, S) images +
-    encoder (not timed when `in_loop` is False)."""
+    """ms per training step of every head (or `heads`): cached (B, L, D) fp16 features vs
+    (B, 3, S, S) images + encoder (not timed when `in_loop` is False)."""
     images = torch.randn(batch, 3, size, size)
     encode = frozen_encoder(model, device)
     with torch.inference_mode():
@@ -140,8 +142,10 @@ def bench_train_steps(model, classnames, size, batch, reps, device, heads=None, 
         head = build_head(name, model, classnames)
         optimizer = torch.optim.SGD(parameter_groups(head, 0.002, 1.0, 0.01), momentum=0.9)
 
-        def steps(batch, features_of, n):  # n steps of run.py's own loop (its train_one_epoch), one sync at its end
-            run.train_one_epoch(head, [(batch, targets, None)] * n, features_of, optimizer, 1.0, device, quiet=True)
+        # n steps of run.py's own loop (its train_one_epoch), one sync at its end
+        def steps(batch, features_of, n):
+            run.train_one_epoch(head, [(batch, targets, None)] * n, features_of, optimizer, 1.0, device,
+                                quiet=True)
 
         def from_cache(batch):
             return batch.to(device, non_blocking=True).float()
@@ -158,7 +162,8 @@ def bench_train_steps(model, classnames, size, batch, reps, device, heads=None, 
 
 
 def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
-    """Seconds of one epoch of run.py's loop on the demo: encoder in the loop vs cached, and the cache build."""
+    """Seconds of one epoch of run.py's loop on the demo: encoder in the loop vs cached,
+    and the cache build."""
     images, labels = demo_split(n, 0, size)
     plain = image_transform(size, train=False)
     model = tiny_clip(torch.stack([plain(im) for im in images]), resolution=size).to(device)
@@ -171,14 +176,16 @@ def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
 
     def epoch(data, cached):  # run.py's train_one_epoch over a fresh loader (each epoch starts its workers)
         t0 = time.perf_counter()
-        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, num_workers=0 if cached else workers,
+        loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True,
+                                             num_workers=0 if cached else workers,
                                              pin_memory=device.type == "cuda", collate_fn=collate)
         features_of = (lambda x: x.to(device, non_blocking=True).float()) if cached else encode
         run.train_one_epoch(head, loader, features_of, optimizer, 1.0, device, quiet=True)
         return time.perf_counter() - t0
 
     key = {"clip": "random-tiny", "clip_sha256": None, "weights": weights_fingerprint(model), "data": "demo",
-           "image_size": size, "data_root": "bench", "split": "train", "view": "augmented", "device": device.type}
+           "image_size": size, "data_root": "bench", "split": "train", "view": "augmented",
+           "device": device.type}
     build = dict(encode=encode, batch_size=batch, workers=workers)
     s_in_loop = min(epoch(train, False) for _ in range(epochs))  # each epoch starts its workers, as in run.py
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -186,17 +193,19 @@ def bench_demo_epoch(n, size, views, batch, workers, device, epochs=1):
         encode_split(train, views, cache_dir=cache_dir, key=key, **build)
         s_build = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stored = encode_split(train, views, cache_dir=cache_dir, key=key, **build)  # a later run: reads the key
+        # a later run: reads the key
+        stored = encode_split(train, views, cache_dir=cache_dir, key=key, **build)
         s_open = time.perf_counter() - t0
         epoch(stored, True)  # warm-up
         s_cached = min(epoch(stored, True) for _ in range(3))
-    return {"images": n, "size": size, "views": views, "batch": batch, "workers": workers, "s_in_loop": s_in_loop,
-            "s_cached": s_cached, "s_build": s_build, "s_open_cache": s_open, "speedup": s_in_loop / s_cached}
+    return {"images": n, "size": size, "views": views, "batch": batch, "workers": workers,
+            "s_in_loop": s_in_loop, "s_cached": s_cached, "s_build": s_build, "s_open_cache": s_open,
+            "speedup": s_in_loop / s_cached}
 
 
 def bench_pretrain(steps=3, batch=128, size=96):
-    """The demo CLIP's pretraining (python -m clipmlr.pretrain): seconds per step of `batch` scenes at `size` px,
-    scene generation included, and the whole default run projected from it."""
+    """The demo CLIP's pretraining (python -m clipmlr.pretrain): seconds per step of `batch` scenes at `size`
+    px, scene generation included, and the whole default run projected from it."""
     import inspect
     from clipmlr import pretrain
     pretrain.pretrain(1, batch, size, progress=False)  # warm-up
@@ -223,7 +232,8 @@ def bench_demo_runs():
 
 
 def bench_map(n=40_504, classes=80, reps=3):
-    """mAP of COCO val2014's size (40,504 images x 80 classes, 5% positives, 10% unknown): seconds per call."""
+    """mAP of COCO val2014's size (40,504 images x 80 classes, 5% positives, 10% unknown):
+    seconds per call."""
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(n, classes, generator=g)
     u = torch.rand(n, classes, generator=g)
@@ -235,9 +245,9 @@ def bench_map(n=40_504, classes=80, reps=3):
 
 
 def bench_decode_check(n=48, size=(640, 480)):
-    """The up-front check that every image decodes (run.py without the cache), on COCO-sized JPEGs (640 x 480):
-    ms per image in one process, beside a full decode, and the projection for COCO2014's images over this
-    machine's cores."""
+    """The up-front check that every image decodes (run.py without the cache), on COCO-sized JPEGs
+    (640 x 480): ms per image in one process, beside a full decode, and the projection for COCO2014's images
+    over this machine's cores."""
     from PIL import ImageFilter
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
@@ -245,7 +255,8 @@ def bench_decode_check(n=48, size=(640, 480)):
         for i in range(n):
             noise = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=g).numpy()
             path = os.path.join(folder, f"{i}.jpg")
-            Image.fromarray(noise).filter(ImageFilter.GaussianBlur(2)).save(path, quality=90)  # a photo's size
+            # a photo's size
+            Image.fromarray(noise).filter(ImageFilter.GaussianBlur(2)).save(path, quality=90)
             paths.append(path)
         t0 = time.perf_counter()
         check_decodable(paths, workers=0)
@@ -289,10 +300,11 @@ def voc_sized_jpegs(folder, n):
 
 
 def bench_pipelines(size, n=32, batch=8):
-    """Images per second on one core of each input pipeline (read a VOC-sized 500 x 375 JPEG file, decode, resize
-    to `size`, and for training Cutout + the authors' RandAugment, then normalise), the same images with the same
-    draws (image j seeded by j, as SeededViews does): PIL images and uint8 tensors as a worker runs them, and
-    --pipeline device on the CPU (read as bytes, then decoded and transformed `batch` images at a time)."""
+    """Images per second on one core of each input pipeline (read a VOC-sized 500 x 375 JPEG file, decode,
+    resize to `size`, and for training Cutout + the authors' RandAugment, then normalise), the same images
+    with the same draws (image j seeded by j, as SeededViews does): PIL images and uint8 tensors as a worker
+    runs them, and --pipeline device on the CPU (read as bytes, then decoded and transformed `batch` images at
+    a time)."""
     from clipmlr.augment import SeededViews
     from clipmlr.pipelines import collate, image_pipeline
     out = {}
@@ -300,8 +312,8 @@ def bench_pipelines(size, n=32, batch=8):
         paths = voc_sized_jpegs(folder, n)
         for pipeline in ("pil", "tensor", "device"):
             for train in (False, True):
-                data = SeededViews(ImageDataset(paths, torch.zeros(n, 1), image_pipeline(size, train,
-                                                                                         pipeline=pipeline)), 1)
+                data = SeededViews(ImageDataset(paths, torch.zeros(n, 1),
+                                                image_pipeline(size, train, pipeline=pipeline)), 1)
 
                 def run(first, last):
                     if pipeline == "device":
@@ -319,10 +331,11 @@ def bench_pipelines(size, n=32, batch=8):
 
 def bench_device_pipeline(model, size, device, batch, workers, reps=3):
     """--pipeline device on a GPU. Alone: images/s of the training process's part, a batch of VOC-sized JPEGs
-    (already read as bytes) decoded in one call (nvJPEG), resized, augmented (each image its own draws, seeded as
-    in training) and normalised there. Fed: images/s of the encoder fed by it as run.py feeds it, a DataLoader
-    with `workers` reading bytes and its pin-memory thread decoding and augmenting on a stream of its own while
-    the encoder runs. Plain and augmented. (On a CPU bench_pipelines measures the pipeline beside the others.)"""
+    (already read as bytes) decoded in one call (nvJPEG), resized, augmented (each image its own draws, seeded
+    as in training) and normalised there. Fed: images/s of the encoder fed by it as run.py feeds it, a
+    DataLoader with `workers` reading bytes and its pin-memory thread decoding and augmenting on a stream of
+    its own while the encoder runs. Plain and augmented. (On a CPU bench_pipelines measures the pipeline
+    beside the others.)"""
     from clipmlr.augment import SeededViews
     from clipmlr.pipelines import collate, image_pipeline
     encode = frozen_encoder(model, device)
@@ -331,9 +344,10 @@ def bench_device_pipeline(model, size, device, batch, workers, reps=3):
         paths = voc_sized_jpegs(folder, batch)
         for train in (False, True):
             kind = "augmented" if train else "plain"
-            data = SeededViews(ImageDataset(paths, torch.zeros(batch, 1), image_pipeline(size, train,
-                                                                                        pipeline="device")), 8)
-            batches = iter([collate([data[j] for j in range(v * batch, (v + 1) * batch)]) for v in range(reps + 1)])
+            data = SeededViews(ImageDataset(paths, torch.zeros(batch, 1),
+                                            image_pipeline(size, train, pipeline="device")), 8)
+            batches = iter([collate([data[j] for j in range(v * batch, (v + 1) * batch)])
+                            for v in range(reps + 1)])
             ms = timed(lambda: next(batches)[0].to(device), device, reps)  # a fresh view each time
             out[kind] = batch / ms * 1000
             loader = torch.utils.data.DataLoader(data, batch_size=batch, num_workers=workers, pin_memory=True,
@@ -356,12 +370,13 @@ VOC_COCO = {"VOC2007": (5011, 4952), "COCO2014": (82_081, 40_137)}  # training a
 
 
 def projections(feed, head_ms, views, batch, epochs=50):
-    """Projected hours of the paper's runs (50 epochs of PositiveCoOp) from measured rates, with the encoder in
-    the loop (a fresh augmentation every epoch) and with the feature cache (K views encoded once; the test split
-    is encoded once either way).
+    """Projected hours of the paper's runs (50 epochs of PositiveCoOp) from measured rates, with the encoder
+    in the loop (a fresh augmentation every epoch) and with the feature cache (K views encoded once; the test
+    split is encoded once either way).
 
-    `feed`: images/s of the encoder fed by the input pipeline, {"plain", "augmented"}; `head_ms[data]`: ms of the
-    head's training step on a batch of features (the step on cached features), which follows the encoder's.
+    `feed`: images/s of the encoder fed by the input pipeline, {"plain", "augmented"}; `head_ms[data]`: ms of
+    the head's training step on a batch of features (the step on cached features), which follows the
+    encoder's.
     """
     out = {}
     for data, (n_train, n_test) in VOC_COCO.items():
@@ -375,14 +390,16 @@ def projections(feed, head_ms, views, batch, epochs=50):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small settings: the miniature CLIP, under a minute on CPU")
+    p.add_argument("--quick", action="store_true",
+                   help="small settings: the miniature CLIP, under a minute on CPU")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: 1 with --quick on CPU, where threads that wait for each "
-                        "other on a busy machine make small ops ~10x slower; else torch's default)")
+                   help="CPU threads for torch (default: 1 with --quick on CPU, where threads that wait for "
+                        "each other on a busy machine make small ops ~10x slower; else torch's default)")
     p.add_argument("--workers", type=int, default=2, help="data-loading workers in the demo epoch")
-    p.add_argument("--views", type=int, default=8, help="cached views per training image (the projection's K)")
+    p.add_argument("--views", type=int, default=8,
+                   help="cached views per training image (the projection's K)")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -397,8 +414,8 @@ def main(argv=None):
     gpu, quick = device.type == "cuda", args.quick
     # image batch and repetitions, text repetitions, train-step batch and repetitions
     small = quick and not gpu
-    batch, reps, text_reps, step_batch, step_reps = (32, 10, 10, 32, 10) if gpu else (8, 3, 3, 8, 3) if quick \
-        else (2, 2, 1, 32, 2)
+    batch, reps, text_reps, step_batch, step_reps = ((32, 10, 10, 32, 10) if gpu else (8, 3, 3, 8, 3) if quick
+                                                     else (2, 2, 1, 32, 2))
     demo = (128, 224, 2, 32, 1) if small else (256, 224, 4, 32, 2)  # images, px, views, batch, in-loop epochs
     model = (tiny_clip(resolution=448) if small else rn101()).to(device)
     name = "miniature demo CLIP (random)" if small else "RN101 architecture (random weights)"
@@ -416,7 +433,8 @@ def main(argv=None):
         ("train_step", lambda: bench_train_steps(model, VOC_CLASSES, 448, step_batch, step_reps, device)),
         ("demo_epoch", lambda: bench_demo_epoch(*demo[:3], demo[3], args.workers, device, demo[4])),
         ("pipelines", lambda: bench_pipelines(448)),
-        ("device_pipeline", lambda: bench_device_pipeline(model, 448, device, 32, cli_workers()) if gpu else None),
+        ("device_pipeline",
+         lambda: bench_device_pipeline(model, 448, device, 32, cli_workers()) if gpu else None),
         ("decode_check", bench_decode_check),
         ("predict", lambda: bench_predict(model, 224 if small else 448, 64 if small or gpu else 16,
                                           32 if gpu else 8, args.workers, device)),
@@ -440,8 +458,10 @@ def main(argv=None):
         if gpu:  # measured: the encoder fed by the device pipeline
             feed = {k: results["device_pipeline"][f"fed_{k}"] for k in ("plain", "augmented")}
             source = f"encoder fed by --pipeline device ({workers} workers)"
-        else:  # the PIL pipeline's per-core rate times the default workers, beside the encoder: the slower sets the pace
-            feed = {k: min(encoder_img_s, results["pipelines"][f"pil_{k}"] * workers) for k in ("plain", "augmented")}
+        else:  # the PIL pipeline's per-core rate times the default workers, beside the encoder:
+            # the slower sets the pace
+            feed = {k: min(encoder_img_s, results["pipelines"][f"pil_{k}"] * workers)
+                    for k in ("plain", "augmented")}
             source = f"encoder alone, pil on {workers} workers beside it"
         results["projection"] = {**projections(feed, head_ms, args.views, step_batch), "source": source}
         results["seconds"]["projection"] = time.perf_counter() - t0
@@ -456,8 +476,8 @@ def main(argv=None):
 def print_table(r):
     image, text, demo, peak = r["image_encoder"], r["text_encoder"], r["demo_epoch"], r["peak_mb"]
     rows = [
-        (f"image encoder, {image['size']} px, batch {image['batch']}", f"{image['images_per_s']:.1f} images/s",
-         f"peak {peak['image_encoder']:.0f} MB"),
+        (f"image encoder, {image['size']} px, batch {image['batch']}",
+         f"{image['images_per_s']:.1f} images/s", f"peak {peak['image_encoder']:.0f} MB"),
         (f"text encoder fwd+bwd, {text['classes']} prompts x {text['tokens_full']} tokens",
          f"{text['ms_full']:.1f} ms", f"peak {peak['text_encoder']:.0f} MB"),
         (f"text encoder fwd+bwd, {text['classes']} prompts x {text['tokens_true']} tokens (true length)",
@@ -470,7 +490,8 @@ def print_table(r):
                      f"{s['ms_cached']:.1f} / {s['ms_in_loop']:.1f} ms",
                      f"{s['ms_in_loop'] / s['ms_cached']:.1f}x faster cached"))
         if "ms_cached_bf16" in s:
-            rows.append((f"train step {name}, cached, head under bf16 autocast", f"{s['ms_cached_bf16']:.1f} ms",
+            rows.append((f"train step {name}, cached, head under bf16 autocast",
+                         f"{s['ms_cached_bf16']:.1f} ms",
                          f"{s['ms_cached'] / s['ms_cached_bf16']:.1f}x faster than fp32"))
     rows[-1] = (*rows[-1][:2], rows[-1][2] + f", peak {peak['train_step']:.0f} MB")
     rows += [
@@ -480,7 +501,8 @@ def print_table(r):
          f"{demo['s_build']:.2f} / {demo['s_open_cache']:.3f} s",
          f"peak {peak['demo_epoch']:.0f} MB"),
         ("input pipeline, 500x375 JPEG -> 448 px, one core: PIL plain / augmented",
-         f"{r['pipelines']['pil_plain']:.0f} / {r['pipelines']['pil_augmented']:.0f} images/s", "decode included"),
+         f"{r['pipelines']['pil_plain']:.0f} / {r['pipelines']['pil_augmented']:.0f} images/s",
+         "decode included"),
         ("input pipeline, same, uint8 tensors (--pipeline tensor): plain / augmented",
          f"{r['pipelines']['tensor_plain']:.0f} / {r['pipelines']['tensor_augmented']:.0f} images/s",
          "torchvision.io decode, tensor kernels"),
@@ -500,7 +522,8 @@ def print_table(r):
                  ("python run.py --data demo: first run (cache built) / later run", f"{d['s_first']:.1f} / "
                   f"{d['s_later']:.1f} s", "the demo's defaults")]
     rows += [
-        (f"predict: {r['predict']['images']} PNG images at {r['predict']['size']} px, batch {r['predict']['batch']}",
+        (f"predict: {r['predict']['images']} PNG images at {r['predict']['size']} px, "
+         f"batch {r['predict']['batch']}",
          f"{r['predict']['images_per_s']:.1f} images/s", f"{r['predict']['workers']} workers, peak "
                                                          f"{peak['predict']:.0f} MB"),
     ]
@@ -509,16 +532,19 @@ def print_table(r):
         rows.append((f"--pipeline device on {d['device']}, batch {d['batch']}, alone: plain / augmented",
                      f"{d['plain']:.0f} / {d['augmented']:.0f} images/s",
                      f"the encoder alone: {image['images_per_s']:.0f} images/s"))
-        rows.append((f"encoder fed by it (DataLoader, {d['workers']} workers, pin-memory thread): plain / augmented",
+        rows.append((f"encoder fed by it (DataLoader, {d['workers']} workers, pin-memory thread): "
+                     f"plain / augmented",
                      f"{d['fed_plain']:.0f} / {d['fed_augmented']:.0f} images/s",
                      f"{d['fed_augmented'] / image['images_per_s']:.2f} of the encoder alone, augmented"))
     if "projection" in r:
         v = r["projection"]
         for data, p in v["runs"].items():
-            rows.append((f"{data}, 50 epochs PositiveCoOp (batch {v['batch']}): no cache / cache K={v['views']}",
+            rows.append((f"{data}, 50 epochs PositiveCoOp (batch {v['batch']}): no cache / "
+                         f"cache K={v['views']}",
                          f"{p['hours_uncached']:.2f} / {p['hours_cached']:.2f} h", f"from: {v['source']}"))
     width = max(len(row[0]) for row in rows)
-    memory = "peak GPU memory allocated in the section" if r["gpu"] else "peak resident memory of the process so far"
+    memory = ("peak GPU memory allocated in the section" if r["gpu"]
+              else "peak resident memory of the process so far")
     print(f"\n{r['model']} on {r['gpu'] or r['device']}; peak = {memory}\n")
     print(f"| {'measure':<{width}} | {'value':>22} | note")
     print(f"|{'-' * (width + 2)}|{'-' * 24}|------")

@@ -27,9 +27,10 @@ ABSENCE_WEIGHTS = ("presence", "own")  # the spatial weights of the absence side
 def prompt_logits(features, presence, absence, absence_weights="presence"):
     """Aggregated logits of a prompt head: (B, L, D) features, (C, D) and (C, D) embeddings -> (B, C, 2).
 
-    s_± = 20 · cos(feature at l, embedding_±). By default both sides use the softmax of the presence side, s_+,
-    as their spatial weights, as DualCoOp's and PositiveCoOp's code computes it; absence_weights="own" gives the
-    absence side the softmax of its own s_−, as the paper's Sec. 3.1 reads. [..., 0] presence, [..., 1] absence.
+    s_± = 20 · cos(feature at l, embedding_±). By default both sides use the softmax of the presence side,
+    s_+, as their spatial weights, as DualCoOp's and PositiveCoOp's code computes it; absence_weights="own"
+    gives the absence side the softmax of its own s_−, as the paper's Sec. 3.1 reads. [..., 0] presence,
+    [..., 1] absence.
     """
     features = F.normalize(features, dim=-1)
     embeddings = F.normalize(torch.cat([presence, absence]), dim=-1)  # (2C, D)

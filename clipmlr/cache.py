@@ -1,15 +1,17 @@
-"""The frozen image encoder's dense features, computed once and kept on disk (a layer: the method runs without it).
+"""The frozen image encoder's dense features, computed once and kept on disk
+(a layer: the method runs without it).
 
 The CLIP never changes, so its features of an image need not be computed 50 times.
-`encode_split(dataset, views, encode, batch_size, workers, cache_dir, key)` encodes every image `views` times into
-cache_dir (once: later epochs, other heads and label fractions read it back) and returns a dataset of
-(features (L, D) fp16, labels, index). `encode` is the caller's function from a batch of images (B, 3, S, S) to
-features (B, L, D): heads.frozen_encoder, the very function run.py's loop encodes with.
+`encode_split(dataset, views, encode, batch_size, workers, cache_dir, key)` encodes every image `views` times
+into cache_dir (once: later epochs, other heads and label fractions read it back) and returns a dataset of
+(features (L, D) fp16, labels, index). `encode` is the caller's function from a batch of images (B, 3, S, S)
+to features (B, L, D): heads.frozen_encoder, the very function run.py's loop encodes with.
 
-Epoch e serves view e mod V (Stored). The trade-off of V: in the loop, 50 epochs show every training image under 50
-different augmentations and pay 50 encoder passes over the training set; the cache shows V of them over and
-over (V=1: no augmentation diversity at all) and pays V passes, once for every head and label fraction;
-augmented views are drawn under the run's seed, so each seed has its own (plain views are shared by all seeds).
+Epoch e serves view e mod V (Stored). The trade-off of V: in the loop, 50 epochs show every training image
+under 50 different augmentations and pay 50 encoder passes over the training set; the cache shows V of them
+over and over (V=1: no augmentation diversity at all) and pays V passes, once for every head and label
+fraction; augmented views are drawn under the run's seed, so each seed has its own (plain views are shared by
+all seeds).
 Disk: V·N·L·D·2 bytes; at 448 px (L = 197, D = 512) VOC2007
 trainval is 1.0 GB per view (8.1 GB for V=8; the test split 1.0 GB), COCO2014 train 16.5 GB per view (132 GB
 for V=8). Reading it back is disk-bound when it does not fit in the page cache. The build decodes every image,
@@ -17,10 +19,10 @@ so it is also the check that every image is readable (run.py needs no separate d
 except with --pipeline device: nvJPEG is not as strict).
 
 A cache folder, DIR/<data>-<split>-<hash of the key>/, holds
-    meta.json      the full key (checkpoint sha256 — or, for an unsaved random model, a hash of its weights —,
-                   data, data root, a hash of the image list, resolution, split, view kind, the transform, V,
-                   the augmentations' seed, the device type and precision it was encoded in),
-                   the shape, the chunk size, and whether the build is complete
+    meta.json      the full key (checkpoint sha256 — or, for an unsaved random model, a hash of its
+                   weights —, data, data root, a hash of the image list, resolution, split, view kind,
+                   the transform, V, the augmentations' seed, the device type and precision it was
+                   encoded in), the shape, the chunk size, and whether the build is complete
     features.npy   (V, N, L, D) float16 in NumPy's format, read memory-mapped
     done.pt        (V, chunks) uint8 tensor: 1 once that chunk of images is safely on disk
 A killed build resumes at the first chunk not done. View v of image i is augmented under the item seed of
@@ -58,8 +60,8 @@ class CacheError(ValueError):
 
 class Stored(torch.utils.data.Dataset):
     """Features computed once, (V, N, L, D) fp16 (a read-only memmap). Item j is view (j // N) mod V of image
-    j mod N: the indices augment.EpochSampler gives in epoch e (e·N + i) serve view e mod V, and plain indices
-    0..N-1 (the test split) view 0."""
+    j mod N: the indices augment.EpochSampler gives in epoch e (e·N + i) serve view e mod V, and plain
+    indices 0..N-1 (the test split) view 0."""
 
     def __init__(self, features, labels):
         self.features, self.labels = features, labels
@@ -76,14 +78,15 @@ def encode_chunks(dataset, encode, views, chunk, todo, workers, store, desc="enc
                   pin_memory=False):
     """Encodes the (view, chunk) pairs in `todo`; chunk c of a view is images [c*chunk, (c+1)*chunk).
 
-    `store(view, chunk_index, features)` receives each chunk's (B, L, D) fp16 NumPy features in order. View v of
-    image i is SeededViews' item v·N + i under `seed`; `pin_memory` as the run's loader has it (on CUDA).
+    `store(view, chunk_index, features)` receives each chunk's (B, L, D) fp16 NumPy features in order. View v
+    of image i is SeededViews' item v·N + i under `seed`; `pin_memory` as the run's loader has it (on CUDA).
     """
     n = len(dataset)
     batches = [range(v * n + c * chunk, v * n + min(n, (c + 1) * chunk)) for v, c in todo]
     loader = torch.utils.data.DataLoader(SeededViews(dataset, views, seed), batch_sampler=batches,
                                          num_workers=workers, pin_memory=pin_memory, collate_fn=collate,
-                                         generator=torch.Generator())  # not the process's: items seed themselves
+                                         # not the process's: items seed themselves
+                                         generator=torch.Generator())
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="img", disable=None, leave=False) as bar:
         for (v, c), (images, _, _) in zip(todo, loader):
             store(v, c, encode(images).half().cpu().numpy())
@@ -105,29 +108,33 @@ def weights_fingerprint(model):
 
 
 def images_fingerprint(dataset):
-    """sha256 of the image list (paths, or pixels of in-memory PIL images), None if the dataset has no list."""
+    """sha256 of the image list (paths, or pixels of in-memory PIL images),
+    None if the dataset has no list."""
     images = getattr(dataset, "images", None)
     if images is None:
         return None
     h = hashlib.sha256()
     for im in images:
-        h.update(im.encode() + b"\0" if isinstance(im, str) else f"{im.mode}{im.size}".encode() + im.tobytes())
+        h.update(im.encode() + b"\0" if isinstance(im, str)
+                 else f"{im.mode}{im.size}".encode() + im.tobytes())
     return h.hexdigest()
 
 
 def transform_description(dataset):
-    """The dataset's transform as its repr lists it (sizes, RandAugment's settings, ...), memory addresses cut."""
+    """The dataset's transform as its repr lists it (sizes, RandAugment's settings, ...),
+    memory addresses cut."""
     transform = getattr(dataset, "transform", None)
     return None if transform is None else re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
 
 
 def cache_key(key, dataset, views, seed=0):
-    """The caller's key (checkpoint sha256 or `weights_fingerprint`, data, resolution, split, view kind, device
-    and precision) completed with what fixes the bytes: the image list, the transform, the number of views and
-    the seed their augmentations are drawn under."""
+    """The caller's key (checkpoint sha256 or `weights_fingerprint`, data, resolution, split, view kind,
+    device and precision) completed with what fixes the bytes: the image list, the transform, the number of
+    views and the seed their augmentations are drawn under."""
     assert key.get("clip_sha256") or key.get("weights"), "a cache key names the CLIP's checkpoint or weights"
-    full = {**key, "views": views, "seed": seed, "n_images": len(dataset), "images": images_fingerprint(dataset),
-            "transform": transform_description(dataset), "format": CACHE_FORMAT}
+    full = {**key, "views": views, "seed": seed, "n_images": len(dataset),
+            "images": images_fingerprint(dataset), "transform": transform_description(dataset),
+            "format": CACHE_FORMAT}
     return json.loads(json.dumps(full, sort_keys=True))  # JSON-native values, as meta.json gives them back
 
 
@@ -140,7 +147,8 @@ def cache_folder(cache_dir, key):
 
 @contextlib.contextmanager
 def build_lock(folder):
-    """Holds an exclusive lock on folder/lock, so two runs never build one cache at once (POSIX; else no-op)."""
+    """Holds an exclusive lock on folder/lock, so two runs never build one cache at once
+    (POSIX; else no-op)."""
     try:
         import fcntl
     except ImportError:
@@ -156,13 +164,15 @@ def check_meta(folder, meta, key):
     saved = meta.get("key", {})
     for field in sorted(set(saved) | set(key)):
         if saved.get(field) != key.get(field):
-            raise CacheError(f"the feature cache {folder} was built for {field}={saved.get(field)!r}, but this run "
-                             f"needs {field}={key.get(field)!r}; delete that folder or pass another --cache-dir")
+            raise CacheError(f"the feature cache {folder} was built for {field}={saved.get(field)!r}, "
+                             f"but this run needs {field}={key.get(field)!r}; delete that folder or pass "
+                             f"another --cache-dir")
 
 
 def open_cache(folder, key, shape_of, chunk):
     """(meta, done (K, chunks) uint8) of the cache in `folder`: checked if it exists, else created with the
-    shape `shape_of()` (K, N, L, D) — a forward pass, skipped for an existing cache (its key fixes L and D)."""
+    shape `shape_of()` (K, N, L, D) — a forward pass, skipped for an existing cache
+    (its key fixes L and D)."""
     meta_path, features_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
     if os.path.isfile(meta_path):
         try:
@@ -171,23 +181,26 @@ def open_cache(folder, key, shape_of, chunk):
             check_meta(folder, meta, key)
             stored = np.load(features_path, mmap_mode="r").shape
             done = torch.load(os.path.join(folder, "done.pt"), weights_only=True)
-            consistent = list(stored) == meta["shape"] and list(stored[:2]) == [key["views"], key["n_images"]] \
-                and tuple(done.shape) == (stored[0], -(-stored[1] // meta["chunk"]))
-        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            consistent = (list(stored) == meta["shape"]
+                          and list(stored[:2]) == [key["views"], key["n_images"]]
+                          and tuple(done.shape) == (stored[0], -(-stored[1] // meta["chunk"])))
+        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError,
+                pickle.UnpicklingError) as e:
             # damaged: cut short, overwritten, ...
-            raise CacheError(f"the feature cache {folder} is unreadable ({type(e).__name__}: {e}); delete that "
-                             f"folder") from None
+            raise CacheError(f"the feature cache {folder} is unreadable ({type(e).__name__}: {e}); "
+                             f"delete that folder") from None
         if not consistent:
-            raise CacheError(f"the feature cache {folder} is inconsistent (features {tuple(stored)}, progress "
-                             f"{done.shape}, meta {meta['shape']}); delete that folder")
+            raise CacheError(f"the feature cache {folder} is inconsistent (features {tuple(stored)}, "
+                             f"progress {done.shape}, meta {meta['shape']}); delete that folder")
         return meta, done
     shape = shape_of()
     size = int(np.prod(shape)) * 2
     free = shutil.disk_usage(folder).free
     if free < size:
-        raise CacheError(f"the feature cache needs {size / 1e9:.1f} GB in {folder} but {free / 1e9:.1f} GB are "
-                         f"free; pass a smaller --cache-views or another --cache-dir")
-    np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=shape).flush()  # a sparse file
+        raise CacheError(f"the feature cache needs {size / 1e9:.1f} GB in {folder} but {free / 1e9:.1f} GB "
+                         f"are free; pass a smaller --cache-views or another --cache-dir")
+    # a sparse file
+    np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=shape).flush()
     done = torch.zeros(shape[0], -(-shape[1] // chunk), dtype=torch.uint8)  # (V, chunks)
     save_atomic(done, os.path.join(folder, "done.pt"))
     meta = {"key": key, "shape": list(shape), "dtype": "float16", "chunk": chunk, "complete": False}
@@ -196,11 +209,12 @@ def open_cache(folder, key, shape_of, chunk):
 
 
 def cached_features(dataset, encode, batch_size, workers, cache_dir, key, pin_memory=False):
-    """(V, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`, built or finished first.
+    """(V, N, L, D) fp16 read-only memmap of the features in the cache folder for `key`,
+    built or finished first.
 
     One process builds, holding the folder's lock: two independent runs on one cache folder never build it at
-    once (the second waits, then finds it complete). Under torchrun rank 0 builds while the other ranks wait at
-    a barrier (a cache is built once and read by every later run, so one GPU building it costs little).
+    once (the second waits, then finds it complete). Under torchrun rank 0 builds while the other ranks wait
+    at a barrier (a cache is built once and read by every later run, so one GPU building it costs little).
     """
     folder = cache_folder(cache_dir, key)
     if distributed.rank() == 0:
@@ -219,7 +233,8 @@ def build(folder, meta, done, dataset, encode, workers, key, pin_memory):
     chunk, shape = meta["chunk"], meta["shape"]  # the first attempt's chunk grid, whatever the batch now
     todo = [(v, c) for v in range(done.shape[0]) for c in range(done.shape[1]) if not done[v, c]]
     if len(todo) < done.numel():
-        print(f"resuming the feature cache {folder}: {done.numel() - len(todo)} of {done.numel()} chunks done")
+        print(f"resuming the feature cache {folder}: {done.numel() - len(todo)} of {done.numel()} "
+              f"chunks done")
     features_path = os.path.join(folder, "features.npy")
     offset = np.load(features_path, mmap_mode="r").offset  # bytes of the .npy header
     row = int(np.prod(shape[2:])) * 2  # bytes of one image's (L, D) fp16 features
@@ -233,18 +248,19 @@ def build(folder, meta, done, dataset, encode, workers, key, pin_memory):
             save_atomic(done, os.path.join(folder, "done.pt"))
 
         encode_chunks(dataset, encode, key["views"], chunk, todo, workers, store,
-                      desc=f"caching {key.get('split', '')} features", seed=key["seed"], pin_memory=pin_memory)
+                      desc=f"caching {key.get('split', '')} features", seed=key["seed"],
+                      pin_memory=pin_memory)
     save_atomic({**meta, "complete": True}, os.path.join(folder, "meta.json"))
 
 
 def encode_split(dataset, views, encode, batch_size, workers, cache_dir, key, seed=0, pin_memory=False):
-    """A `Stored` dataset of `views` encodings of every image of `dataset`, kept in `cache_dir` (built first when
-    missing or unfinished). View v of image i is augmented as SeededViews' item v·N + i under `seed`.
+    """A `Stored` dataset of `views` encodings of every image of `dataset`, kept in `cache_dir` (built first
+    when missing or unfinished). View v of image i is augmented as SeededViews' item v·N + i under `seed`.
 
-    `key` (a dict of JSON values: clip, clip_sha256 or weights, data, data_root, image_size, split, view, device,
-    precision) names what the features depend on; the image list, the transform, `views` and `seed` are added to
-    it here. `pin_memory`: as the run's own loader (True on CUDA).
+    `key` (a dict of JSON values: clip, clip_sha256 or weights, data, data_root, image_size, split, view,
+    device, precision) names what the features depend on; the image list, the transform, `views` and `seed`
+    are added to it here. `pin_memory`: as the run's own loader (True on CUDA).
     """
-    features = cached_features(dataset, encode, batch_size, workers, cache_dir, cache_key(key, dataset, views, seed),
-                               pin_memory)
+    features = cached_features(dataset, encode, batch_size, workers, cache_dir,
+                               cache_key(key, dataset, views, seed), pin_memory)
     return Stored(features, dataset.labels)

@@ -15,7 +15,8 @@ TMP_SUFFIX = ".tmp"  # what save_atomic's temporary files end with (remove_stale
 
 
 def save_atomic(obj, path):
-    """torch.save (or strict JSON for a path ending in .json) to a temporary file, fsync, then rename over `path`.
+    """torch.save (or strict JSON for a path ending in .json) to a temporary file, fsync, then rename over
+    `path`.
 
     The file honours the umask like any other (0644 under the usual 022). JSON is strict: NaN or infinity
     raises (write None for an undefined value), so every JSON reader can read the file.
@@ -61,19 +62,20 @@ def load_checkpoint(path):
 def resume_state(out, settings, resume):
     """The state saved in out/checkpoint.pt to continue from, or None to start at epoch 1.
 
-    Without `resume`, a folder that holds a run is refused (a new run never overwrites one). With it, the saved
-    settings must equal `settings`; a folder with no checkpoint yet (a run stopped in its first epoch or while
-    building its feature cache) starts at epoch 1, and a feature cache it had begun goes on where it stopped.
+    Without `resume`, a folder that holds a run is refused (a new run never overwrites one). With it, the
+    saved settings must equal `settings`; a folder with no checkpoint yet (a run stopped in its first epoch or
+    while building its feature cache) starts at epoch 1, and a feature cache it had begun goes on where it
+    stopped.
     """
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.isfile(path):
         return None
     if not resume:
         if os.path.isfile(os.path.join(out, "results.json")):
-            raise CheckpointError(f"{out} already holds a finished run (its results.json); give another --out, or "
-                                  f"delete that folder to train it again")
-        raise CheckpointError(f"{out} already holds an unfinished run; pass --resume to continue it, or another "
-                              f"--out")
+            raise CheckpointError(f"{out} already holds a finished run (its results.json); give another "
+                                  f"--out, or delete that folder to train it again")
+        raise CheckpointError(f"{out} already holds an unfinished run; pass --resume to continue it, or "
+                              f"another --out")
     state = load_checkpoint(path)
     diff = settings_mismatch(state["settings"], settings)
     if diff:
@@ -85,4 +87,5 @@ def resume_state(out, settings, resume):
 def settings_mismatch(saved, current):
     """'name: saved -> current' for every setting that differs, '' when none does."""
     keys = sorted(set(saved) | set(current))
-    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+                     for k in keys if saved.get(k) != current.get(k))

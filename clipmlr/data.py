@@ -1,12 +1,13 @@
 """Datasets (VOC2007, COCO2014), partial-label masking, and the paper's image transforms.
 
-A dataset here is a list of image paths with a (N, C) label matrix: 1 present, 0 absent, −1 unknown. Annotation
-files are read and checked up front, and `check_decodable` decodes every image once, so a broken file is
-reported by name before any training starts. The images' transforms are in augment.py; downloads are a layer
-(clipmlr/download.py).
+A dataset here is a list of image paths with a (N, C) label matrix: 1 present, 0 absent, −1 unknown.
+Annotation files are read and checked up front, and `check_decodable` decodes every image once, so a broken
+file is reported by name before any training starts. The images' transforms are in augment.py; downloads are
+a layer (clipmlr/download.py).
 
-Protocol (PositiveCoOp paper Sec. 4, following DualCoOp): VOC2007 trains on trainval and tests on test; COCO2014
-trains on train2014 and tests on val2014. (Your own images, beyond the paper, are a layer: clipmlr/folder.py.) Shape key: N images, C classes.
+Protocol (PositiveCoOp paper Sec. 4, following DualCoOp): VOC2007 trains on trainval and tests on test;
+COCO2014 trains on train2014 and tests on val2014. (Your own images, beyond the paper, are a layer:
+clipmlr/folder.py.) Shape key: N images, C classes.
 """
 import json
 import os
@@ -84,10 +85,12 @@ def load_voc(root, split, difficult="absent"):
     voc = find_voc(root)
     if voc is None:
         raise DataError(f"no VOC2007 found in {os.path.abspath(root)} (looked for VOCdevkit/VOC2007/ with "
-                        f"Annotations/ and JPEGImages/); pass --download to fetch it, or --data-root to point at it")
+                        f"Annotations/ and JPEGImages/); pass --download to fetch it, or --data-root to "
+                        f"point at it")
     listing = os.path.join(voc, "ImageSets", "Main", f"{split}.txt")
     if not os.path.isfile(listing):
-        raise DataError(f"{listing} is missing: the VOC2007 {split} split is not there; pass --download to fetch it")
+        raise DataError(f"{listing} is missing: the VOC2007 {split} split is not there; pass --download to "
+                        f"fetch it")
     with open(listing) as f:
         ids = [line.split()[0] for line in f if line.strip()]
     if not ids:
@@ -98,7 +101,7 @@ def load_voc(root, split, difficult="absent"):
     return check_images(paths), labels, list(VOC_CLASSES)
 
 
-# ---------------------------------------------------------------------------------------------------- COCO2014
+# --------------------------------------------------------------------------------------------------- COCO2014
 
 def load_coco(root, split):
     """(image paths, (N, 80) labels, class names) of train2014 or val2014; images without objects dropped."""
@@ -118,10 +121,12 @@ def load_coco(root, split):
                 raise DataError(f"{ann}: annotation {a.get('id')} has category id {a['category_id']}, "
                                 f"which is not among the file's categories")
             if a["image_id"] not in files:
-                raise DataError(f"{ann}: annotation {a.get('id')} names image {a['image_id']}, not in its images")
+                raise DataError(f"{ann}: annotation {a.get('id')} names image {a['image_id']}, not in its "
+                                f"images")
             present.setdefault(a["image_id"], set()).add(index[a["category_id"]])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{ann} is not valid JSON ({e}); delete it and download the annotations again") from None
+        raise DataError(f"{ann} is not valid JSON ({e}); delete it and download the annotations "
+                        f"again") from None
     except (KeyError, TypeError) as e:
         raise DataError(f"{ann} is not a COCO instances file (missing or malformed field {e})") from None
     ids = sorted(present)  # images with at least one object, as the reference code keeps
@@ -133,7 +138,8 @@ def load_coco(root, split):
 
 
 def check_images(paths):
-    """`paths` if every file exists (cheap: run on every listing); that they decode is `check_decodable`'s job."""
+    """`paths` if every file exists (cheap: run on every listing); that they decode is `check_decodable`'s
+    job."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} listed images are missing, e.g. {missing[0]}; "
@@ -154,7 +160,8 @@ def read_image(path, draft=False):
 
 
 class Decodes(torch.utils.data.Dataset):
-    """Item i = '' if image i decodes, else the error naming it (errors are collected, not raised, in workers)."""
+    """Item i = '' if image i decodes, else the error naming it (errors are collected, not raised, in
+    workers)."""
 
     def __init__(self, paths):
         self.paths = paths
@@ -173,15 +180,17 @@ class Decodes(torch.utils.data.Dataset):
 def check_decodable(paths, workers=0):
     """Decodes every image once, in `workers` processes; DataError naming the unreadable ones.
 
-    A header check is not enough (a truncated JPEG has a valid header); only a decode proves an image readable.
-    Where a pass reads every image anyway (the feature cache build), that pass is the check instead.
+    A header check is not enough (a truncated JPEG has a valid header); only a decode proves an image
+    readable. Where a pass reads every image anyway (the feature cache build), that pass is the check instead.
     """
     loader = torch.utils.data.DataLoader(Decodes(paths), batch_size=64, num_workers=workers, collate_fn=list,
                                          generator=torch.Generator())  # draws nothing from the process's RNG
-    bad = [e for batch in tqdm(loader, desc="decoding", unit="batch", disable=None, leave=False) for e in batch if e]
+    bad = [e for batch in tqdm(loader, desc="decoding", unit="batch", disable=None, leave=False)
+           for e in batch if e]
     if bad:
-        raise DataError(f"{len(bad)} of {len(paths)} images do not decode; the first: {bad[0]}. Restore or replace "
-                        f"them (for VOC/COCO: from the archive, or --download again into an empty --data-root)")
+        raise DataError(f"{len(bad)} of {len(paths)} images do not decode; the first: {bad[0]}. Restore or "
+                        f"replace them (for VOC/COCO: from the archive, or --download again into an empty "
+                        f"--data-root)")
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -18,14 +18,16 @@ from PIL import Image, ImageDraw, ImageFilter
 from .clip.model import CLIP
 
 DEMO_CLIP = "demo"  # --clip demo: the miniature CLIP pretrained on these scenes (pretrain.py), for any data
-MINIATURE_NOTE = "the miniature pretrained on generated scenes: the paper's questions in miniature, not its numbers"
+MINIATURE_NOTE = ("the miniature pretrained on generated scenes: the paper's questions in miniature, "
+                  "not its numbers")
 # twelve shapes, colour drawn independently of the shape, captions that name only what is present
-SCENE_CLASSES = ["circle", "square", "triangle", "cross", "ring", "bar", "star", "diamond", "hexagon", "arrow",
-                 "crescent", "dot"]
-GROUPS = [("star", "crescent", "dot"), ("arrow", "bar", "square"), ("circle", "triangle", "hexagon", "diamond"),
-          ("ring", "cross")]
+SCENE_CLASSES = ["circle", "square", "triangle", "cross", "ring", "bar", "star", "diamond", "hexagon",
+                 "arrow", "crescent", "dot"]
+GROUPS = [("star", "crescent", "dot"), ("arrow", "bar", "square"),
+          ("circle", "triangle", "hexagon", "diamond"), ("ring", "cross")]
+# drawn independently of the shape: colour tells nothing
 PALETTE = [(230, 40, 40), (40, 200, 60), (50, 80, 230), (240, 220, 40), (220, 60, 220), (40, 220, 230),
-           (250, 140, 30), (245, 245, 245), (30, 30, 30)]  # drawn independently of the shape: colour tells nothing
+           (250, 140, 30), (245, 245, 245), (30, 30, 30)]
 CAPTIONS = ["a photo of {}.", "a picture of {}.", "an image of {}.", "{}.", "a drawing of {}."]
 SMALL = ("dot",)  # always small; a star is small half the time
 
@@ -62,10 +64,13 @@ def draw_scene_shape(draw, kind, cx, cy, r, colour):
     elif kind == "arrow":
         h = max(1, r // 5)
         draw.rectangle((cx - r, cy - h, cx + 0.3 * r, cy + h), fill=colour)
-        draw.polygon([(cx + 0.2 * r, cy - 0.55 * r), (cx + r, cy), (cx + 0.2 * r, cy + 0.55 * r)], fill=colour)
+        draw.polygon([(cx + 0.2 * r, cy - 0.55 * r), (cx + r, cy), (cx + 0.2 * r, cy + 0.55 * r)],
+                     fill=colour)
     elif kind == "crescent":  # an outer arc, then an inner one back
-        arc = [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in range(40, 321, 10)]
-        bite = [(cx + 0.45 * r + 0.75 * r * math.cos(math.radians(a)), cy + 0.75 * r * math.sin(math.radians(a)))
+        arc = [(cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a)))
+               for a in range(40, 321, 10)]
+        bite = [(cx + 0.45 * r + 0.75 * r * math.cos(math.radians(a)),
+                 cy + 0.75 * r * math.sin(math.radians(a)))
                 for a in range(300, 59, -10)]
         draw.polygon(arc + bite, fill=colour)
 
@@ -83,19 +88,22 @@ def scene(index, seed=0, size=224):
     rng = random.Random(seed * 1_000_003 + index)
     background = tuple(rng.randint(60, 170) for _ in range(3))
     noise = np.random.default_rng(rng.getrandbits(32)).normal(128, 40, (size, size, 1)).clip(0, 255)
-    image = Image.fromarray(noise.astype(np.uint8).repeat(3, axis=2))  # grey noise, seeded (not PIL's own RNG)
+    # grey noise, seeded (not PIL's own RNG)
+    image = Image.fromarray(noise.astype(np.uint8).repeat(3, axis=2))
     image = Image.blend(image, Image.new("RGB", (size, size), background), 0.7)
     draw = ImageDraw.Draw(image)
     kinds = [rng.randrange(len(SCENE_CLASSES))]
     group = next(g for g in GROUPS if SCENE_CLASSES[kinds[0]] in g)
     for _ in range(rng.choice([0, 0, 1, 1, 1, 2, 2, 3])):
-        k = SCENE_CLASSES.index(rng.choice(group)) if rng.random() < 0.5 else rng.randrange(len(SCENE_CLASSES))
+        k = (SCENE_CLASSES.index(rng.choice(group)) if rng.random() < 0.5
+             else rng.randrange(len(SCENE_CLASSES)))
         if k not in kinds:
             kinds.append(k)
     labels = torch.zeros(len(SCENE_CLASSES), dtype=torch.long)
     for k in kinds:
         small = SCENE_CLASSES[k] in SMALL or (SCENE_CLASSES[k] == "star" and rng.random() < 0.5)
-        r = rng.randint(max(2, size // 40), max(3, size // 22)) if small else rng.randint(size // 12, size // 6)
+        r = (rng.randint(max(2, size // 40), max(3, size // 22)) if small
+             else rng.randint(size // 12, size // 6))
         cx, cy = rng.randint(r, size - r - 1), rng.randint(r, size - r - 1)
         colour = tuple(min(255, max(0, c + rng.randint(-25, 25))) for c in rng.choice(PALETTE))
         draw_scene_shape(draw, SCENE_CLASSES[k], cx, cy, r, colour)
@@ -123,7 +131,8 @@ def demo_split(n, seed=0, size=224, offset=0):
 
 def demo_clip_path():
     """Where the demo's miniature CLIP is shipped: weights/demo-clip.pt beside the clipmlr package."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "demo-clip.pt")
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights",
+                        "demo-clip.pt")
 
 
 def tiny_clip(calibration_images=None, seed=0, resolution=224):
@@ -143,7 +152,8 @@ def tiny_clip(calibration_images=None, seed=0, resolution=224):
     with torch.no_grad():
         for m in model.visual.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                torch.nn.init.ones_(m.weight)  # OpenAI zero-inits each block's bn3; a random model needs them on
+                # OpenAI zero-inits each block's bn3; a random model needs them on
+                torch.nn.init.ones_(m.weight)
                 m.momentum = None  # running statistics become the plain average over the calibration batches
         pool.positional_embedding.mul_(0.1)
         if calibration_images is not None:

@@ -21,7 +21,8 @@ from .clip import tokenize
 
 
 class HeadError(ValueError):
-    """A head that cannot be built from the arguments given (unknown name, a prompt longer than CLIP's context)."""
+    """A head that cannot be built from the arguments given
+    (unknown name, a prompt longer than CLIP's context)."""
 
 
 class Prompts(nn.Module):
@@ -36,7 +37,8 @@ class Prompts(nn.Module):
         eot = ids.argmax(dim=-1)
         ids = ids[:, : int(eot.max()) + 1]  # nothing after the last EOT changes any EOT feature
         with torch.no_grad():
-            embedded = clip_model.token_embedding(ids.to(clip_model.token_embedding.weight.device))  # (C, T, W)
+            # (C, T, W)
+            embedded = clip_model.token_embedding(ids.to(clip_model.token_embedding.weight.device))
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)  # (C, 1, W): [SOS]
         self.register_buffer("suffix", embedded[:, 1 + n_ctx:].clone(), persistent=False)  # (C, T-1-X, W)
         self.register_buffer("eot", eot, persistent=False)  # (C,)
@@ -52,23 +54,25 @@ class Prompts(nn.Module):
 
 
 def prompt_tokens(classnames, n_ctx, context_length=77):
-    """(C, T) token ids of the prompts "X X ... X <name>." ("X" placeholders reserve one token each for the learned
-    vectors); HeadError when the longest does not fit the text encoder's context (77 tokens for OpenAI's CLIPs)."""
+    """(C, T) token ids of the prompts "X X ... X <name>." ("X" placeholders reserve one token each for the
+    learned vectors); HeadError when the longest does not fit the text encoder's context (77 tokens for
+    OpenAI's CLIPs)."""
     prompts = [" ".join(["X"] * n_ctx) + f" {name}." for name in classnames]
     lengths = tokenize(prompts, context_length=n_ctx + 1000).argmax(dim=-1) + 1  # (C,) to the EOT, inclusive
     need, c = int(lengths.max()), int(lengths.argmax())
     if need > context_length:
-        raise HeadError(f"--n-ctx {n_ctx}: the prompt of {classnames[c]!r} needs {need} tokens, over the text "
-                        f"encoder's {context_length}; give --n-ctx {n_ctx - (need - context_length)} or less")
+        raise HeadError(f"--n-ctx {n_ctx}: the prompt of {classnames[c]!r} needs {need} tokens, over the "
+                        f"text encoder's {context_length}; give --n-ctx {n_ctx - (need - context_length)} "
+                        f"or less")
     return tokenize(prompts, context_length=context_length)
 
 
 class Frozen:
     """A module that a head uses but does not own. Not an nn.Module attribute, so it is none of the head's
     submodules: `head.train()` never puts it in training mode (a frozen CLIP's BatchNorm statistics would then
-    move with every batch), `head.parameters()` and `head.state_dict()` leave its weights out (they are CLIP's,
-    saved by OpenAI, not the head's), and DDP or an optimizer never see them. It is kept in eval mode, without
-    gradients."""
+    move with every batch), `head.parameters()` and `head.state_dict()` leave its weights out (they are
+    CLIP's, saved by OpenAI, not the head's), and DDP or an optimizer never see them. It is kept in eval mode,
+    without gradients."""
 
     def __init__(self, module):
         self.module = module.eval().requires_grad_(False)
@@ -76,17 +80,20 @@ class Frozen:
 
 def frozen_encoder(model, device):
     """The frozen CLIP as a function: images (B, 3, S, S) -> dense features (B, L, D) fp32 on `device`, by
-    `model.encode_dense` with no graph (nothing flows back into CLIP). On CUDA the convolutions run channels_last
-    under bf16 autocast (about twice as fast; the features come back in fp32). run.py's loop, its feature cache,
-    predict and the analyses all encode with this one function, so their features agree. With --pipeline device
-    `images` is a RawBatch of file bytes, which `.to()` decodes and augments on the device."""
+    `model.encode_dense` with no graph (nothing flows back into CLIP). On CUDA the convolutions run
+    channels_last under bf16 autocast (about twice as fast; the features come back in fp32). run.py's loop,
+    its feature cache, predict and the analyses all encode with this one function, so their features agree.
+    With --pipeline device `images` is a RawBatch of file bytes, which `.to()` decodes and augments on the
+    device."""
     device = torch.device(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     model.visual.to(memory_format=memory_format)
 
     def encode(images):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model.encode_dense(images.to(device, non_blocking=True, memory_format=memory_format)).float()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                             enabled=device.type == "cuda"):
+            return model.encode_dense(images.to(device, non_blocking=True,
+                                                memory_format=memory_format)).float()
     return encode
 
 
@@ -143,7 +150,8 @@ class Baseline(Head):
 class DualCoOp(Head):
     """A learned presence prompt and a learned absence prompt per class, through the frozen text encoder."""
 
-    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True, absence_weights="presence", **unused):
+    def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True, absence_weights="presence",
+                 **unused):
         super().__init__(clip_model, absence_weights)
         self.presence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
         self.absence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
@@ -157,14 +165,16 @@ class DualCoOp(Head):
 
 class PositiveCoOp(Head):
     """A learned presence prompt (plus a learned residual, as in the authors' code; `residual=False` leaves it
-    out, as the paper describes the head) and a free absence embedding that never goes through the text encoder."""
+    out, as the paper describes the head) and a free absence embedding that never goes through the text
+    encoder."""
 
     def __init__(self, clip_model, classnames, n_ctx=16, class_specific=True, absence_weights="presence",
                  residual=True):
         super().__init__(clip_model, absence_weights)
         shape = (len(classnames), clip_model.embed_dim)
         self.presence_prompts = Prompts(clip_model, classnames, n_ctx, class_specific)
-        self.presence_residual = nn.Parameter(torch.randn(shape)) if residual else None  # N(0, 1), before normalising
+        # N(0, 1), before normalising
+        self.presence_residual = nn.Parameter(torch.randn(shape)) if residual else None
         self.absence = nn.Parameter(torch.randn(shape))  # N(0, 1)
 
     def class_embeddings(self):
@@ -230,8 +240,8 @@ def parameter_groups(head, lr_prompt, lr_embedding, lr_linear):
     grouped = [id(p) for ps in declared.values() for p in ps]
     for name, p in head.named_parameters():
         if p.requires_grad and grouped.count(id(p)) != 1:
-            raise ValueError(f"{type(head).__name__}.groups() puts the parameter {name!r} in {grouped.count(id(p))} "
-                             f"groups; list it in exactly one of {sorted(lrs)}")
+            raise ValueError(f"{type(head).__name__}.groups() puts the parameter {name!r} in "
+                             f"{grouped.count(id(p))} groups; list it in exactly one of {sorted(lrs)}")
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in declared.items()]
 
 

@@ -2,20 +2,21 @@
 run on PIL images there). Three pipelines run them, chosen by run.py's --pipeline:
 
     pil      the authors' (augment.image_transform): each DataLoader worker decodes with PIL and transforms
-    tensor   each worker decodes straight into a uint8 tensor (torchvision.io) and runs the same steps, with the
-             same random draws, on torchvision's tensor kernels
+    tensor   each worker decodes straight into a uint8 tensor (torchvision.io) and runs the same steps, with
+             the same random draws, on torchvision's tensor kernels
     device   each worker only reads a file's bytes; the training process decodes the whole batch on the device
              (nvJPEG on CUDA) and runs the tensor steps there: the GPU's input path (not yet run on a GPU, so
              not a default).
-             On CUDA this happens in the DataLoader's pin-memory thread, on a CUDA stream of its own, while the
-             main stream encodes the batch before (RawBatch.pin_memory)
+             On CUDA this happens in the DataLoader's pin-memory thread, on a CUDA stream of its own, while
+             the main stream encodes the batch before (RawBatch.pin_memory)
 
     transform = image_pipeline(size, train, randaugment, pipeline)    for ImageDataset
     loader = DataLoader(..., collate_fn=collate)                       a device batch arrives as one RawBatch
     images = batch.to(device)                                          a RawBatch: decoded and augmented there
 
-Pixel values differ slightly between PIL and tensors (an antialiased tensor resize, bilinear shears), and between
-the CPU and CUDA (nvJPEG and the GPU's kernels round differently); the policy and its draws are the same.
+Pixel values differ slightly between PIL and tensors (an antialiased tensor resize, bilinear shears), and
+between the CPU and CUDA (nvJPEG and the GPU's kernels round differently); the policy and its draws are the
+same.
 """
 import contextlib
 import sys
@@ -53,7 +54,8 @@ def byte_tensor(data):
 
 
 def decode_tensor(data, name):
-    """A file's bytes (1-D uint8) decoded on the CPU into a uint8 (3, H, W) RGB tensor; DataError naming it."""
+    """A file's bytes (1-D uint8) decoded on the CPU into a uint8 (3, H, W) RGB tensor;
+    DataError naming it."""
     try:
         return torchvision.io.decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as e:
@@ -61,7 +63,8 @@ def decode_tensor(data, name):
 
 
 class ToUint8:
-    """A path (decoded by read_tensor), a PIL image (converted) or a uint8 (3, H, W) tensor -> uint8 tensor."""
+    """A path (decoded by read_tensor), a PIL image (converted) or a uint8 (3, H, W) tensor ->
+    uint8 tensor."""
 
     def __call__(self, image):
         if isinstance(image, str):
@@ -74,18 +77,19 @@ class ToUint8:
 
 class TensorPipeline(T.Compose):
     """The same steps on uint8 (3, H, W) tensors instead of PIL images (PIL input is converted first): images
-    are decoded straight into tensors (torchvision.io), and every operation is torchvision's tensor kernel, the
-    form that also runs on a GPU. The policy and its random draws are the PIL pipeline's; pixel values differ
-    slightly (antialiased tensor resize, bilinear shears)."""
+    are decoded straight into tensors (torchvision.io), and every operation is torchvision's tensor kernel,
+    the form that also runs on a GPU. The policy and its random draws are the PIL pipeline's; pixel values
+    differ slightly (antialiased tensor resize, bilinear shears)."""
 
     reads_paths = True  # ImageDataset hands it paths: ToUint8 decodes them into tensors
 
 
 class Raw(NamedTuple):
-    """One image as a worker of the device pipeline hands it over: the file's bytes, or an in-memory image as a
-    uint8 (3, H, W) array (plain Python/NumPy data: it crosses from the worker as a copy, not as one shared-memory
-    file per image); the seed of the SeededViews item it was read for (None without augmentation), under which
-    its augmentation is drawn later; its name for errors; and the pipeline that turns it into pixels."""
+    """One image as a worker of the device pipeline hands it over: the file's bytes, or an in-memory image as
+    a uint8 (3, H, W) array (plain Python/NumPy data: it crosses from the worker as a copy, not as one
+    shared-memory file per image); the seed of the SeededViews item it was read for (None without
+    augmentation), under which its augmentation is drawn later; its name for errors; and the pipeline that
+    turns it into pixels."""
     data: "bytes | numpy.ndarray"
     seed: int
     name: str
@@ -95,12 +99,13 @@ class Raw(NamedTuple):
 class DevicePipeline:
     """The pipeline that runs on the training device (`pipeline="device"`, run.py's --pipeline device).
 
-    A DataLoader worker only reads each file's bytes (a Raw). On the device, a whole batch is decoded in one call
-    (nvJPEG on CUDA; PNGs and other formats on the CPU, then moved), and each image is resized, cut out and
-    augmented there with the tensor pipeline's steps and, seeded by its Raw's seed, the same random draws; the
-    batch is then normalised at once. `RawBatch.to(device)` does all this, so a loop that moves its batch to the
-    device is unchanged; with pin_memory=True (on CUDA) the loader's pin-memory thread does it in the background. On the CPU the same code runs (the tests exercise it there) and matches the tensor
-    pipeline bit for bit; on CUDA, nvJPEG and the GPU's kernels round slightly differently.
+    A DataLoader worker only reads each file's bytes (a Raw). On the device, a whole batch is decoded in one
+    call (nvJPEG on CUDA; PNGs and other formats on the CPU, then moved), and each image is resized, cut out
+    and augmented there with the tensor pipeline's steps and, seeded by its Raw's seed, the same random draws;
+    the batch is then normalised at once. `RawBatch.to(device)` does all this, so a loop that moves its batch
+    to the device is unchanged; with pin_memory=True (on CUDA) the loader's pin-memory thread does it in the
+    background. On the CPU the same code runs (the tests exercise it there) and matches the tensor pipeline
+    bit for bit; on CUDA, nvJPEG and the GPU's kernels round slightly differently.
     """
 
     reads_paths = True
@@ -109,11 +114,13 @@ class DevicePipeline:
         self.steps, self.train = steps, train  # steps: uint8 (3, H, W) -> uint8 (3, S, S)
 
     def __call__(self, image):
-        seed = active_seed()  # the item's own seed, under which its augmentation is drawn later, on the device
+        # the item's own seed, under which its augmentation is drawn later, on the device
+        seed = active_seed()
         if self.train and seed is None:
-            raise RuntimeError("the device pipeline augments each image later, under the seed of the item it was "
-                               "read for: read the dataset through augment.SeededViews (as run.py and the feature "
-                               "cache do), or use the pil or tensor pipeline, which draw as they read")
+            raise RuntimeError("the device pipeline augments each image later, under the seed of the item "
+                               "it was read for: read the dataset through augment.SeededViews (as run.py and "
+                               "the feature cache do), or use the pil or tensor pipeline, which draw as they "
+                               "read")
         if isinstance(image, str):
             return Raw(read_bytes(image), seed, image, self)
         return Raw(ToUint8()(image).numpy(), seed, "an in-memory image", self)
@@ -123,7 +130,8 @@ class DevicePipeline:
 
 
 class RawBatch:
-    """A batch of Raw images (from `collate`); `.to(device)` gives the normalised float (B, 3, S, S) batch there."""
+    """A batch of Raw images (from `collate`); `.to(device)` gives the normalised float (B, 3, S, S) batch
+    there."""
 
     def __init__(self, raws):
         self.raws = list(raws)
@@ -136,7 +144,8 @@ class RawBatch:
         if device.type == "cuda" and device.index is None:  # one name per GPU: nvJPEG's decoder is per device
             device = torch.device("cuda", torch.cuda.current_device())
         out = []
-        with torch.autocast(device.type, enabled=False):  # the encoder's bf16 autocast must not touch the pixels
+        # the encoder's bf16 autocast must not touch the pixels
+        with torch.autocast(device.type, enabled=False):
             for raw, image in zip(self.raws, decode_on(device, self.raws)):
                 with seeded(raw.seed) if pipeline.train else contextlib.nullcontext():
                     out.append(pipeline.steps(image))
@@ -146,10 +155,11 @@ class RawBatch:
 
     def pin_memory(self):
         """What the DataLoader's pin-memory thread calls for each batch (pin_memory=True, run.py's setting on
-        CUDA): the batch is decoded and augmented in that background thread, on a CUDA stream of its own, while the
-        training process's stream encodes the batch before it. A Ready batch comes back. (Each image's draws use
-        the process's global generators inside `seeded`, which restores them; the training loop draws nothing
-        from them while batches are in flight: its data order has a generator of its own.)"""
+        CUDA): the batch is decoded and augmented in that background thread, on a CUDA stream of its own,
+        while the training process's stream encodes the batch before it. A Ready batch comes back. (Each
+        image's draws use the process's global generators inside `seeded`, which restores them; the training
+        loop draws nothing from them while batches are in flight: its data order has a generator of its
+        own.)"""
         if not torch.cuda.is_available():
             return Ready(self.to("cpu"), None)
         device = torch.device("cuda", torch.cuda.current_device())  # the thread is set to the loader's device
@@ -157,7 +167,8 @@ class RawBatch:
             SIDE_STREAMS[device] = torch.cuda.Stream(device)
         side = SIDE_STREAMS[device]
         with torch.cuda.stream(side):
-            images = self.to(device, memory_format=torch.channels_last)  # the layout run.py encodes in on CUDA
+            # the layout run.py encodes in on CUDA
+            images = self.to(device, memory_format=torch.channels_last)
             done = torch.cuda.Event()
             done.record(side)
         return Ready(images, done)
@@ -168,7 +179,8 @@ class Ready:
     caller's stream wait for that work on the GPU (the host does not wait) and hands the images over."""
 
     def __init__(self, images, done):
-        self.images, self.done = images, done  # (B, 3, S, S) float, and the side stream's event (None on a CPU)
+        # (B, 3, S, S) float, and the side stream's event (None on a CPU)
+        self.images, self.done = images, done
 
     def __len__(self):
         return len(self.images)
@@ -177,11 +189,13 @@ class Ready:
         if self.done is not None:
             stream = torch.cuda.current_stream(self.images.device)
             stream.wait_event(self.done)
-            self.images.record_stream(stream)  # the allocator keeps the memory until this stream is done with it
+            # the allocator keeps the memory until this stream is done with it
+            self.images.record_stream(stream)
         return self.images.to(device, non_blocking=non_blocking, memory_format=memory_format)
 
 
-CONSTANTS = {}  # device -> (mean, std) as (3, 1, 1) tensors there: copied once, since each copy to a GPU waits
+# device -> (mean, std) as (3, 1, 1) tensors there: copied once, since each copy to a GPU waits
+CONSTANTS = {}
 SIDE_STREAMS = {}  # CUDA device -> the stream the pin-memory thread decodes and augments on
 
 
@@ -193,8 +207,8 @@ def normalisation(device):
 
 
 # What torchvision's batched JPEG decoder says when it refuses the images themselves (its CUDA decoder,
-# torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp); the batch is then decoded on the CPU. Any other failure
-# (nvJPEG that cannot start, CUDA out of memory, a failed stream) is the GPU's and is raised.
+# torchvision/csrc/io/image/cuda/decode_jpegs_cuda.cpp); the batch is then decoded on the CPU. Any other
+# failure (nvJPEG that cannot start, CUDA out of memory, a failed stream) is the GPU's and is raised.
 IMAGE_REFUSALS = ("Failed to get image info", "Unknown chroma subsampling", "Failed to parse jpeg stream",
                   "Failed to decode jpeg stream", "Failed to decode batch", "Expected a non empty")
 CPU_FALLBACKS = {"batches": 0, "images": 0}  # batches the device's decoder refused, in this process
@@ -208,10 +222,13 @@ def decode_on(device, raws):
     images = [torch.from_numpy(r.data) if f is None else None for r, f in zip(raws, files)]
     jpegs = [i for i, r in enumerate(raws) if isinstance(r.data, bytes) and r.data[:3] == b"\xff\xd8\xff"]
     if jpegs:
-        if device.type == "cuda":  # nvJPEG writes on a stream of its own into memory this stream may still read
+        # nvJPEG writes on a stream of its own into memory this stream may still read
+        if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
-        try:  # (torchvision 0.29 deprecates its decoders for torchcodec: a DeprecationWarning, hidden by default)
-            decoded = torchvision.io.decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        # (torchvision 0.29 deprecates its decoders for torchcodec: a DeprecationWarning, hidden by default)
+        try:
+            decoded = torchvision.io.decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB,
+                                                 device=device)
         except RuntimeError as e:  # the call decodes all or nothing
             if not any(refusal in str(e) for refusal in IMAGE_REFUSALS):
                 raise  # the GPU itself failed (out of memory, no decoder, ...): not a matter of these images
@@ -226,14 +243,16 @@ def decode_on(device, raws):
 
 
 def announce_fallback(n, device, error):
-    """Counts a batch of `n` JPEGs that the device's decoder refused; says so the 1st, 2nd, 4th, 8th, ... time."""
+    """Counts a batch of `n` JPEGs that the device's decoder refused;
+    says so the 1st, 2nd, 4th, 8th, ... time."""
     CPU_FALLBACKS["batches"] += 1
     CPU_FALLBACKS["images"] += n
     count = CPU_FALLBACKS["batches"]
     if count & (count - 1) == 0:
         reason = str(error).strip().splitlines()[0][:200]
-        print(f"note: the JPEG decoder on {device} refused {count} batch(es) so far ({CPU_FALLBACKS['images']} "
-              f"images), decoded on one CPU thread instead; latest reason: {reason}", file=sys.stderr)
+        print(f"note: the JPEG decoder on {device} refused {count} batch(es) so far "
+              f"({CPU_FALLBACKS['images']} images), decoded on one CPU thread instead; "
+              f"latest reason: {reason}", file=sys.stderr)
 
 
 def collate(batch):

@@ -1,7 +1,8 @@
 """The PositiveCoOp paper's analyses as commands, on any CLIP checkpoint or the demo's miniature CLIP.
 
     python -m clipmlr.analysis sweep --data voc --heads baseline dual positive negative --labels 0.1 0.5 0.9
-    python -m clipmlr.analysis switches --data demo --labels 0.3   # the paper vs the authors' code, one at a time
+    python -m clipmlr.analysis switches --data demo --labels 0.3   # the paper vs the authors' code,
+                                                                   # one at a time
     python -m clipmlr.analysis zeroshot --data voc             # hand-written prompts, no training
     python -m clipmlr.analysis negation --clip RN101           # Sec. 5.2, Table 2
     python -m clipmlr.analysis maps --data demo --index 3 [--run runs/demo-positive-1-seed0]    # Fig. 1
@@ -27,8 +28,8 @@ from ..metrics import ap_by_class, margin, mean_average_precision
 from ..predict import PredictError, load_head
 from .plots import similarity_figure
 from ..demo import DEMO_CLASSES, DEMO_CLIP
-from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table, similarity_maps,
-                         text_features)
+from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table,
+                         similarity_maps, text_features)
 from .sweep import DEMO_NOTE, PROPORTIONS, SweepError, run_sweep, write_sweep
 from .switches import SWITCHES, run_switches, switches_table
 from .templates import ABSENCE, COCO_CLASSES, PRESENCE, fill
@@ -38,7 +39,7 @@ class AnalysisError(Exception):
     """A bad argument or input of an analysis command; the message says what to give instead."""
 
 
-# ---------------------------------------------------------------------------------------------------- zero-shot
+# ---------------------------------------------------------------------------------------------- zero-shot
 
 @torch.no_grad()
 def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
@@ -46,14 +47,18 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     _, _, test, test_y, classnames = cli.load_data(args)
     model, clip_info = cli.load_clip(args)
     device = torch.device(args.device)
-    embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]  # (C, D) x2
+    # (C, D) x2
+    embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]
     encode = frozen_encoder(model, device)
     key = cli.feature_key(args, clip_info, model) if args.cache_features else None
     loader, _ = cli.test_split(args, test, test_y, encode, key, args.batch_size)  # run.py's cache
     features_of = cli.features_of(args, encode)
-    logits = torch.cat([prompt_logits(features_of(x), *embeddings).float().cpu() for x, _, _ in loader])  # (N, C, 2)
-    mean_ap, ap = mean_average_precision(margin(logits), test_y)  # presence − absence, as the heads are ranked
-    alone, _ = mean_average_precision(logits[..., 0], test_y)  # the presence prompt alone: "not a photo of" out
+    # (N, C, 2)
+    logits = torch.cat([prompt_logits(features_of(x), *embeddings).float().cpu() for x, _, _ in loader])
+    # presence − absence, as the heads are ranked
+    mean_ap, ap = mean_average_precision(margin(logits), test_y)
+    # the presence prompt alone: "not a photo of" out
+    alone, _ = mean_average_precision(logits[..., 0], test_y)
     return {"map": mean_ap, "map_presence_alone": alone,  # a class with no positive test label: no AP (null)
             "per_class_ap": ap_by_class(classnames, ap),
             "presence": presence, "absence": absence, "data": args.data, "image_size": args.image_size,
@@ -72,7 +77,8 @@ def zero_shot_markdown(result):
         lines += [f"**{DEMO_NOTE}.**", ""]
     lines += [f"Hand-written prompts, no training: presence \"{result['presence']}\", absence "
               f"\"{result['absence']}\"; the heads' aggregation (20·cos, softmax over positions) and mAP on "
-              f"{result['test_images']} test images.", "", f"mAP, ranked by presence − absence (as the heads): "
+              f"{result['test_images']} test images.", "",
+              f"mAP, ranked by presence − absence (as the heads): "
               f"{result['map']:.2f}; by the presence prompt alone: {result['map_presence_alone']:.2f}", "",
               "| Class | AP |", "|---|---|"]
     lines += [f"| {n} | {'–' if a is None else f'{a:.1f}'} |" for n, a in result["per_class_ap"].items()]
@@ -97,19 +103,22 @@ def cmd_zeroshot(opts, extras):
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(zero_shot_markdown(result))
     demo = " (the demo's miniature CLIP)" if result["clip"]["name"] == DEMO_CLIP else ""
-    print(f"zero-shot mAP {result['map']:.2f} (presence − absence), {result['map_presence_alone']:.2f} (presence "
-          f"prompt alone){demo}")
+    print(f"zero-shot mAP {result['map']:.2f} (presence − absence), {result['map_presence_alone']:.2f} "
+          f"(presence prompt alone){demo}")
     print(f"wrote {out}/results.json and {out}/table.md")
 
 
-# ---------------------------------------------------------------------------------------------------- sweep
+# ---------------------------------------------------------------------------------------------- sweep
 
 def cmd_sweep(opts, extras):
     for p in opts.labels:
         if not 0 < p <= 1:
-            raise AnalysisError(f"--labels {p} is outside (0, 1]: give fractions of labels kept, e.g. 0.1 0.5 0.9")
-    for own, instead in (("--head", "--heads"), ("--seed", "--seeds"), ("--resume", "nothing: it resumes by itself"),
-                         ("--cache-features", "--protocol cached"), ("--no-cache-features", "--protocol paper")):
+            raise AnalysisError(f"--labels {p} is outside (0, 1]: give fractions of labels kept, "
+                                f"e.g. 0.1 0.5 0.9")
+    for own, instead in (("--head", "--heads"), ("--seed", "--seeds"),
+                         ("--resume", "nothing: it resumes by itself"),
+                         ("--cache-features", "--protocol cached"),
+                         ("--no-cache-features", "--protocol paper")):
         if any(a == own or a.startswith(own + "=") for a in extras):
             raise AnalysisError(f"the sweep sets {own} for each run itself; give {instead}")
     for head in opts.heads:  # each head's options as its runs will get them (without those it does not use)
@@ -135,14 +144,14 @@ def cmd_sweep(opts, extras):
     print("wrote " + ", ".join(paths.values()))
 
 
-# ---------------------------------------------------------------------------------------------------- switches
+# ---------------------------------------------------------------------------------------------- switches
 
 def cmd_switches(opts, extras):
     own = sorted({o for _, options in SWITCHES for o in options if o.startswith("--")})
     given = [a for a in extras if a.split("=")[0] in own]
     if given:
-        raise AnalysisError(f"the switches set {', '.join(given)} themselves, one at a time; leave those options out "
-                            f"(the first row must be the defaults)")
+        raise AnalysisError(f"the switches set {', '.join(given)} themselves, one at a time; leave those "
+                            f"options out (the first row must be the defaults)")
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis switches")
     out = opts.out or os.path.join("runs", "analysis", f"switches-{args.data}-{args.head}")
     check_folders(out, args)
@@ -157,7 +166,7 @@ def cmd_switches(opts, extras):
     print(f"wrote {out}/table.md and {out}/results.json")
 
 
-# ---------------------------------------------------------------------------------------------------- negation
+# ---------------------------------------------------------------------------------------------- negation
 
 def cmd_negation(opts, extras):
     args = cli.parse_args(extras, prog="python -m clipmlr.analysis negation")
@@ -165,9 +174,11 @@ def cmd_negation(opts, extras):
         check_folders(opts.out, args)
     model, clip_info = cli.load_clip(args)
     name = clip_info["name"]
-    out = opts.out or os.path.join("runs", "analysis", f"negation-{os.path.splitext(os.path.basename(name))[0]}")
+    out = opts.out or os.path.join("runs", "analysis",
+                                   f"negation-{os.path.splitext(os.path.basename(name))[0]}")
     check_folders(out, args)
-    # the paper's COCO classes; the demo's miniature knows only its twelve shapes' words, so it is asked of them
+    # the paper's COCO classes; the demo's miniature knows only its twelve shapes' words, so it is asked of
+    # them
     classes = list(DEMO_CLASSES) if name == DEMO_CLIP else COCO_CLASSES
     similarities = negation_similarities(model, classes)
     summaries = negation_summary(similarities)
@@ -175,15 +186,18 @@ def cmd_negation(opts, extras):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text)
-    per_class = {"classes": classes, "one prompt": {k: v.tolist() for k, v in similarities["one prompt"].items()},
-                 "85 templates, per-class mean": {"p1_n1": similarities["85 templates"]["p1_n1"].mean(0).tolist(),
-                                                  "p1_p2": similarities["85 templates"]["p1_p2"].mean(1).tolist()}}
-    save_atomic({"clip": clip_info, "summary": summaries, "per_class": per_class}, os.path.join(out, "results.json"))
+    per_class = {"classes": classes,
+                 "one prompt": {k: v.tolist() for k, v in similarities["one prompt"].items()},
+                 "85 templates, per-class mean": {
+                     "p1_n1": similarities["85 templates"]["p1_n1"].mean(0).tolist(),
+                     "p1_p2": similarities["85 templates"]["p1_p2"].mean(1).tolist()}}
+    save_atomic({"clip": clip_info, "summary": summaries, "per_class": per_class},
+                os.path.join(out, "results.json"))
     print(text)
     print(f"wrote {out}/table.md and {out}/results.json")
 
 
-# ---------------------------------------------------------------------------------------------------- maps
+# ---------------------------------------------------------------------------------------------- maps
 
 def pick_image(opts, test, test_y, classnames):
     """(RGB image, its present class names, a label for the file name): --image, or test image --index."""
@@ -206,13 +220,14 @@ def pick_image(opts, test, test_y, classnames):
 @torch.no_grad()
 def cmd_maps(opts, extras):
     if opts.panel < 32:
-        raise AnalysisError(f"--panel {opts.panel} is too small to draw on; give at least 32 (pixels per panel)")
+        raise AnalysisError(f"--panel {opts.panel} is too small to draw on; give at least 32 "
+                            f"(pixels per panel)")
     settings = None
     if opts.run:
         path = os.path.join(opts.run, "results.json")
         if not os.path.isfile(path) or not os.path.isfile(os.path.join(opts.run, "head.pt")):
-            raise AnalysisError(f"--run {opts.run} holds no finished run (results.json and head.pt); give the "
-                                f"--out folder of a completed `python run.py ...`")
+            raise AnalysisError(f"--run {opts.run} holds no finished run (results.json and head.pt); give "
+                                f"the --out folder of a completed `python run.py ...`")
         with open(path) as f:
             settings = json.load(f)["settings"]
         keep = ("data", "clip", "image_size", "demo_images")  # what rebuilds the run's data and CLIP
@@ -241,7 +256,8 @@ def cmd_maps(opts, extras):
 
     # the two embeddings (or the baseline's two channels) and the per-position maps
     device = model.token_embedding.weight.device
-    features = model.encode_dense(image_transform(args.image_size, train=False)(image)[None].to(device))[0]  # (L, D)
+    # (L, D)
+    features = model.encode_dense(image_transform(args.image_size, train=False)(image)[None].to(device))[0]
     value_name = "cosine similarity"
     if head is None:
         prompts = [fill(t, [name])[0] for t in (opts.presence, opts.absence)]
@@ -260,24 +276,28 @@ def cmd_maps(opts, extras):
     title = f"{name}: {described}; CLIP {clip_info['name']}"
     if clip_info["name"] == DEMO_CLIP:
         title += " (the demo's miniature CLIP)"
-    figure = similarity_figure(image, list(maps.numpy()), ["image" + (f" ({', '.join(present)})" if present else "")]
-                               + captions, title, panel=opts.panel, value_name=value_name)
+    figure = similarity_figure(image, list(maps.numpy()),
+                               ["image" + (f" ({', '.join(present)})" if present else "")] + captions, title,
+                               panel=opts.panel, value_name=value_name)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{label}-{name.replace(' ', '_')}-{source}.png")
     figure.save(path)
     print(f"maps of {name!r} ({source}): presence {maps[0].min():.3f}..{maps[0].max():.3f}, absence "
-          f"{maps[1].min():.3f}..{maps[1].max():.3f} ({value_name}); wrote {path} ({figure.size[0]}x{figure.size[1]})")
+          f"{maps[1].min():.3f}..{maps[1].max():.3f} ({value_name}); wrote {path} "
+          f"({figure.size[0]}x{figure.size[1]})")
 
 
-# ---------------------------------------------------------------------------------------------------- the CLI
+# ---------------------------------------------------------------------------------------------- the CLI
 
 def parse_args(argv=None):
     """(the analysis' own options, the rest for run.py)."""
     p = cli.Parser(prog="python -m clipmlr.analysis", description=__doc__.split("\n\n")[0],
                    epilog="Any other option is run.py's (see python run.py --help).", allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sweep", allow_abbrev=False, help="train heads x label proportions x seeds; table and plot")
-    s.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=["baseline", "dual", "positive", "negative"],
+    s = sub.add_parser("sweep", allow_abbrev=False,
+                       help="train heads x label proportions x seeds; table and plot")
+    s.add_argument("--heads", nargs="+", choices=sorted(HEADS),
+                   default=["baseline", "dual", "positive", "negative"],
                    help="heads to train, the table's rows (default: all four)")
     s.add_argument("--labels", nargs="+", type=float, default=list(PROPORTIONS),
                    help="fractions of training labels kept, the table's columns (default: 0.1 0.2 ... 0.9)")
@@ -285,32 +305,39 @@ def parse_args(argv=None):
                    "(default: 0)")
     s.add_argument("--no-zero-shot", action="store_true", help="leave out the zero-shot reference row")
     s.add_argument("--out", default=None, help="sweep folder (default: runs/analysis/sweep-<data>)")
-    s.add_argument("--protocol", choices=["cached", "paper"], default="cached", help="cached: features encoded "
-                   "once, K augmented views (run.py's --cache-features); paper: the encoder in the loop and a fresh "
-                   "augmentation every epoch, as the paper trains (default: cached)")
-    s.add_argument("--run-script", default=None, help="the run.py that trains each run (default: ./run.py, else "
-                   "the one beside the clipmlr package)")
-    w = sub.add_parser("switches", allow_abbrev=False, help="the paper/authors' code choices, one at a time: mAP")
-    w.add_argument("--out", default=None, help="output folder (default: runs/analysis/switches-<data>-<head>)")
-    w.add_argument("--run-script", default=None, help="the run.py that trains each run (default: ./run.py, else "
-                   "the one beside the clipmlr package)")
+    s.add_argument("--protocol", choices=["cached", "paper"], default="cached", help="cached: features "
+                   "encoded once, K augmented views (run.py's --cache-features); paper: the encoder in the "
+                   "loop and a fresh augmentation every epoch, as the paper trains (default: cached)")
+    s.add_argument("--run-script", default=None, help="the run.py that trains each run (default: ./run.py, "
+                   "else the one beside the clipmlr package)")
+    w = sub.add_parser("switches", allow_abbrev=False,
+                       help="the paper/authors' code choices, one at a time: mAP")
+    w.add_argument("--out", default=None,
+                   help="output folder (default: runs/analysis/switches-<data>-<head>)")
+    w.add_argument("--run-script", default=None, help="the run.py that trains each run (default: ./run.py, "
+                   "else the one beside the clipmlr package)")
     z = sub.add_parser("zeroshot", allow_abbrev=False, help="hand-written prompts, no training: test mAP")
     z.add_argument("--out", default=None, help="output folder (default: runs/analysis/zeroshot-<data>)")
-    n = sub.add_parser("negation", allow_abbrev=False, help="cosine of 'photo of a {}' and 'not a photo of a {}'")
+    n = sub.add_parser("negation", allow_abbrev=False,
+                       help="cosine of 'photo of a {}' and 'not a photo of a {}'")
     n.add_argument("--out", default=None, help="output folder (default: runs/analysis/negation-<clip>)")
-    m = sub.add_parser("maps", allow_abbrev=False, help="an image's similarity maps with presence/absence embeddings")
+    m = sub.add_parser("maps", allow_abbrev=False,
+                       help="an image's similarity maps with presence/absence embeddings")
     m.add_argument("--run", default=None, help="a finished run.py folder: map its learned embeddings "
                    "(default: hand-written prompts)")
-    m.add_argument("--class", dest="cls", default=None, help="class to map (default: the image's first label)")
+    m.add_argument("--class", dest="cls", default=None,
+                   help="class to map (default: the image's first label)")
     m.add_argument("--image", default=None, help="an image file (default: test image --index of --data)")
-    m.add_argument("--index", type=int, default=0, help="which test image when no --image is given (default: 0)")
-    m.add_argument("--panel", type=int, default=256, help="side of each panel in pixels (default: 256); the PNG "
-                   "is (3·panel + 32) x (panel + 100)")
+    m.add_argument("--index", type=int, default=0,
+                   help="which test image when no --image is given (default: 0)")
+    m.add_argument("--panel", type=int, default=256, help="side of each panel in pixels (default: 256); the "
+                   "PNG is (3·panel + 32) x (panel + 100)")
     m.add_argument("--out", default=None, help="output folder (default: runs/analysis/maps)")
     for q in (z, m):
-        q.add_argument("--presence", default=PRESENCE, help=f"hand-written presence template, {{}} = class name "
-                       f"(default: {PRESENCE!r})")
-        q.add_argument("--absence", default=ABSENCE, help=f"hand-written absence template (default: {ABSENCE!r})")
+        q.add_argument("--presence", default=PRESENCE, help=f"hand-written presence template, {{}} = class "
+                       f"name (default: {PRESENCE!r})")
+        q.add_argument("--absence", default=ABSENCE,
+                       help=f"hand-written absence template (default: {ABSENCE!r})")
     return p.parse_known_args(argv)
 
 
@@ -323,8 +350,8 @@ def main(argv=None):
     try:
         for template in (getattr(opts, "presence", "{}"), getattr(opts, "absence", "{}")):
             if template.count("{}") != 1:
-                raise AnalysisError(f"the prompt template {template!r} must hold exactly one {{}} for the class "
-                                    f"name, e.g. 'a photo of a {{}}.'")
+                raise AnalysisError(f"the prompt template {template!r} must hold exactly one {{}} for the "
+                                    f"class name, e.g. 'a photo of a {{}}.'")
         COMMANDS[opts.command](opts, extras)
     except Exception as e:
         if not cli.is_user_error(e):  # a bug: it keeps its traceback

@@ -1,6 +1,8 @@
-"""The analysis pictures, drawn with Pillow alone (no plotting library needed): a line plot and heat-map overlays.
+"""The analysis pictures, drawn with Pillow alone (no plotting library needed): a line plot and heat-map
+overlays.
 
-    line_plot(series, ...)          mAP against the label proportion, one colour per head (PositiveCoOp Table 1)
+    line_plot(series, ...)          mAP against the label proportion, one colour per head (PositiveCoOp
+                                    Table 1)
     similarity_figure(image, ...)   an image beside its presence and absence similarity maps (paper Fig. 1)
 
 Both return a PIL image of a size fixed by their arguments, so tests can check it.

@@ -44,12 +44,13 @@ def negation_similarities(model, classnames, templates=TEMPLATES):
 
     one prompt:   p1_n1 (C,) = cos("photo of a {c}", "not a photo of a {c}"), p1_p2 (C,) = cos(P1, "picture
                   of a {c}").
-    85 templates: p1_n1 (M, C) = cos(t(c), "not " + t(c)) for every template t; p1_p2 (C, M(M-1)/2) = cos(t(c),
-                  t'(c)) for every pair of distinct templates: two positive prompts of one class.
+    85 templates: p1_n1 (M, C) = cos(t(c), "not " + t(c)) for every template t; p1_p2 (C, M(M-1)/2) =
+                  cos(t(c), t'(c)) for every pair of distinct templates: two positive prompts of one class.
     """
     p1, n1, p2 = (text_features(model, fill(t, classnames)) for t in (P1, N1, P2))  # (C, D) each
     k, c = len(templates), len(classnames)
-    pos = text_features(model, [p for t in templates for p in fill(t, classnames)]).view(k, c, -1)  # (M, C, D)
+    # (M, C, D)
+    pos = text_features(model, [p for t in templates for p in fill(t, classnames)]).view(k, c, -1)
     neg = text_features(model, [p for t in templates for p in fill(negated(t), classnames)]).view(k, c, -1)
     gram = torch.einsum("kcd,jcd->ckj", pos, pos)  # (C, M, M) template against template, per class
     first, second = torch.triu_indices(k, k, offset=1)
@@ -58,7 +59,8 @@ def negation_similarities(model, classnames, templates=TEMPLATES):
 
 
 def negation_summary(similarities):
-    """Table 2's rows: statistics over the classes (templates first averaged per class), and over every pair."""
+    """Table 2's rows: statistics over the classes (templates first averaged per class),
+    and over every pair."""
     one, many = similarities["one prompt"], similarities["85 templates"]
     return {
         "one prompt": {k: summary(v) for k, v in one.items()},
@@ -73,22 +75,25 @@ def negation_table(summaries, clip_name, n_classes=80):
         return f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.2f}, {s['max']:.2f})"
 
     c = n_classes
-    rows = [(f"{c} classes, 1 prompt", "one prompt"), (f"{c} classes, 85 templates (per-class mean)", "85 templates"),
+    rows = [(f"{c} classes, 1 prompt", "one prompt"),
+            (f"{c} classes, 85 templates (per-class mean)", "85 templates"),
             (f"85 templates × {c} classes (every pair)", "85 templates, every pair")]
-    lines = [f"# Cosine similarity between prompt features, CLIP {clip_name} (PositiveCoOp Sec. 5.2, Table 2)", ""]
+    lines = [f"# Cosine similarity between prompt features, CLIP {clip_name} "
+             f"(PositiveCoOp Sec. 5.2, Table 2)", ""]
     if clip_name == DEMO_CLIP:
         lines += [f"**the demo's CLIP, {MINIATURE_NOTE}.**", ""]
     lines += [f"Mean ± std (min, max) over {'COCO' if c == 80 else 'the demo'}'s {c} classes. "
               "P1 'photo of a {}', N1 'not a photo of a {}', P2 "
-              "'picture of a {}'; with the 85 templates of the supplement's Table 4, N1 is 'not ' + the template "
-              "and P1-P2 pairs are two different templates of one class.", "",
+              "'picture of a {}'; with the 85 templates of the supplement's Table 4, N1 is 'not ' + the "
+              "template and P1-P2 pairs are two different templates of one class.", "",
               "| Setting | P1-N1 | P1-P2 |", "|---|---|---|"]
     for name, key in rows:
         lines.append(f"| {name} | {fmt(summaries[key]['p1_n1'])} | {fmt(summaries[key]['p1_p2'])} |")
         if key in PAPER_TABLE2:
-            paper = {pair: dict(zip(("mean", "std", "min", "max"), v)) for pair, v in PAPER_TABLE2[key].items()}
-            lines.append(f"| 80 classes{name.split('classes', 1)[1]}, paper (RN101, COCO) | {fmt(paper['p1_n1'])} | "
-                         f"{fmt(paper['p1_p2'])} |")
+            paper = {pair: dict(zip(("mean", "std", "min", "max"), v))
+                     for pair, v in PAPER_TABLE2[key].items()}
+            lines.append(f"| 80 classes{name.split('classes', 1)[1]}, paper (RN101, COCO) | "
+                         f"{fmt(paper['p1_n1'])} | {fmt(paper['p1_p2'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,9 +1,10 @@
-"""A sweep of heads x label proportions x seeds through run.py, and its table and plot beside the paper's numbers.
+"""A sweep of heads x label proportions x seeds through run.py, and its table and plot beside the paper's
+numbers.
 
-Each (head, labels, seed) is one run of run.py in a process of its own (`python run.py ...`, as a user would type
-it; the package never imports run.py), into its own folder under the sweep's folder; a run whose results.json
-exists is skipped and an interrupted one is resumed, so a sweep that stops can be started again with the same
-command. The table has the layout of the PositiveCoOp paper's Table 1 (rows heads,
+Each (head, labels, seed) is one run of run.py in a process of its own (`python run.py ...`, as a user would
+type it; the package never imports run.py), into its own folder under the sweep's folder; a run whose
+results.json exists is skipped and an interrupted one is resumed, so a sweep that stops can be started again
+with the same command. The table has the layout of the PositiveCoOp paper's Table 1 (rows heads,
 columns the fraction of labels kept, then the average) with the trainable parameters and the training time per
 run (supplement Table 3); the paper's own rows sit under ours for VOC2007 and COCO2014.
 """
@@ -37,9 +38,12 @@ PAPER_TABLE1 = {  # mAP (%) at 10% ... 90% labels, ResNet-101 CLIP (Table 1)
 }
 PAPER_AVERAGE = {"voc": {"baseline": 93.1, "dual": 93.2, "positive": 93.6, "negative": 90.8},
                  "coco": {"baseline": 82.0, "dual": 81.9, "positive": 83.2, "negative": 81.6}}
-PAPER_COST = {  # (trainable parameters as printed, GPU hours on one RTX A4000) from Table 1 and supplement Table 3
-    "voc": {"baseline": ("20k", 1.5), "dual": ("0.3M", 3.55), "positive": ("0.17M", 3), "negative": ("0.17M", 3)},
-    "coco": {"baseline": ("80k", 7.97), "dual": ("1.3M", 16), "positive": ("0.73M", 16), "negative": ("0.73M", 16)},
+# (trainable parameters as printed, GPU hours on one RTX A4000) from Table 1 and supplement Table 3
+PAPER_COST = {
+    "voc": {"baseline": ("20k", 1.5), "dual": ("0.3M", 3.55), "positive": ("0.17M", 3),
+            "negative": ("0.17M", 3)},
+    "coco": {"baseline": ("80k", 7.97), "dual": ("1.3M", 16), "positive": ("0.73M", 16),
+             "negative": ("0.73M", 16)},
 }
 DEMO_NOTE = f"the demo's CLIP, {MINIATURE_NOTE}"
 
@@ -54,16 +58,18 @@ def run_folder(out, data, head, labels, seed):
 
 def find_run_script(script=None):
     """The run.py to train with: `script`, else ./run.py, else the one beside the clipmlr package."""
-    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "run.py")
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "run.py")
     for path in ([script] if script else ["run.py", beside]):
         if os.path.isfile(path):
             return path
-    raise SweepError(f"the sweep trains each run with run.py, and found none ({script or 'run.py'}); run it from "
-                     f"the folder holding run.py, or give --run-script PATH")
+    raise SweepError(f"the sweep trains each run with run.py, and found none ({script or 'run.py'}); run it "
+                     f"from the folder holding run.py, or give --run-script PATH")
 
 
 def train(script, argv):
-    """One training run: `python run.py ARGV` in its own process, its output shown as it comes; the exit code."""
+    """One training run: `python run.py ARGV` in its own process, its output shown as it comes;
+    the exit code."""
     return subprocess.run([sys.executable, script, *argv]).returncode
 
 
@@ -98,24 +104,25 @@ def run_sweep(heads, proportions, seeds, run_argv, out, script=None, protocol="c
         for labels in proportions:
             for seed in seeds:
                 folder = run_folder(out, base.data, head, labels, seed)
-                argv = head_argv(run_argv, head) + ["--head", head, "--labels", str(labels), "--seed", str(seed),
-                                                    "--out", folder]
+                argv = head_argv(run_argv, head) + ["--head", head, "--labels", str(labels),
+                                                    "--seed", str(seed), "--out", folder]
                 results.append(train_or_reuse(script, argv, folder,
                                               f"sweep: training {head}, labels {labels:g}, seed {seed}"))
     return results
 
 
 def train_or_reuse(script, argv, folder, what):
-    """The results of `python run.py ARGV` into `folder`: read back if it finished earlier with the same settings
-    (other settings are refused), resumed if it was interrupted, else trained now. `what` names it in the output."""
+    """The results of `python run.py ARGV` into `folder`: read back if it finished earlier with the same
+    settings (other settings are refused), resumed if it was interrupted, else trained now. `what` names it in
+    the output."""
     done = os.path.join(folder, "results.json")
     if os.path.isfile(done):
         with open(done) as f:
             result = json.load(f)
         diff = settings_mismatch(result["settings"], settings_of(parse_args(argv)))
         if diff:
-            raise SweepError(f"{folder} holds a run with other settings ({diff}); give another --out, or delete "
-                             f"that folder to train it again")
+            raise SweepError(f"{folder} holds a run with other settings ({diff}); give another --out, or "
+                             f"delete that folder to train it again")
         print(f"{what.split(':')[0]}: {folder} is done, skipped")
         return result
     if os.path.isfile(os.path.join(folder, "checkpoint.pt")):
@@ -123,8 +130,8 @@ def train_or_reuse(script, argv, folder, what):
     print(f"{what} -> {folder}", flush=True)
     code = train(script, argv)
     if code != 0:
-        raise SweepError(f"the run in {folder} stopped (exit code {code}); the finished runs are kept, so run the "
-                         f"same command again to continue once the problem is fixed")
+        raise SweepError(f"the run in {folder} stopped (exit code {code}); the finished runs are kept, so "
+                         f"run the same command again to continue once the problem is fixed")
     with open(done) as f:
         return json.load(f)
 
@@ -173,7 +180,8 @@ def sweep_table(results, zero_shot, data, clip_name):
 
     if zero_shot is not None:
         zs = [[zero_shot["map"]]] * len(columns)  # no training: the same at every proportion
-        add(f"zero-shot (\"{zero_shot['presence']}\" / \"{zero_shot['absence']}\")", "ours", zs, "0", "0 s", 0.0)
+        add(f"zero-shot (\"{zero_shot['presence']}\" / \"{zero_shot['absence']}\")", "ours", zs, "0", "0 s",
+            0.0)
     footnotes = []
     for head in maps:
         params, seconds = cost[head]
@@ -193,12 +201,13 @@ def sweep_table(results, zero_shot, data, clip_name):
     lines = [title, ""]
     if clip_name == DEMO_CLIP:
         lines += [f"**{DEMO_NOTE}.**", ""]
-    seeds_text = f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    seeds_text = (f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+                  else f"seed {seeds[0]}")
     protocols = sorted({protocol_of(r.get("settings", {})) for r in results})
-    lines += [f"mAP (%) of the last epoch on the test split; columns: fraction of training labels kept; Avg: mean "
-              f"of the columns; {seeds_text}. Training images: {'; '.join(protocols)}. "
-              f"Train time: training epochs only, mean per run on this machine (the paper: GPU hours on one RTX "
-              f"A4000, supplement Table 3; its rows use a ResNet-101 CLIP).", ""]
+    lines += [f"mAP (%) of the last epoch on the test split; columns: fraction of training labels kept; "
+              f"Avg: mean of the columns; {seeds_text}. Training images: {'; '.join(protocols)}. "
+              f"Train time: training epochs only, mean per run on this machine (the paper: GPU hours on one "
+              f"RTX A4000, supplement Table 3; its rows use a ResNet-101 CLIP).", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows_md]
     if footnotes:
@@ -207,7 +216,8 @@ def sweep_table(results, zero_shot, data, clip_name):
 
 
 def sweep_plot(results, zero_shot, data, clip_name):
-    """A PIL image: mAP against the fraction of labels kept, per head; the paper's values as hollow squares."""
+    """A PIL image: mAP against the fraction of labels kept, per head;
+    the paper's values as hollow squares."""
     maps, _ = summarise(results)
     paper = PAPER_TABLE1.get(data, {})
     series = []
@@ -242,6 +252,7 @@ def write_sweep(results, zero_shot, data, clip_name, out):
         writer = csv.writer(f)
         writer.writerow(["head", "labels", "seed", "map", "trainable_params", "train_seconds"])
         for r in sorted(results, key=lambda r: (r["head"], r["labels"], r["seed"])):
-            writer.writerow([r["head"], r["labels"], r["seed"], r["map"], r["trainable_params"], r["train_seconds"]])
+            writer.writerow([r["head"], r["labels"], r["seed"], r["map"], r["trainable_params"],
+                             r["train_seconds"]])
     sweep_plot(results, zero_shot, data, clip_name).save(paths["plot.png"])
     return paths

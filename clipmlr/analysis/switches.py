@@ -1,10 +1,10 @@
 """The choices where the paper, the authors' code and clipmlr differ, switched one at a time on one setting.
 
-Each row trains the same head on the same data and labels with one run.py option changed from the defaults (the
-paper's learning rates, the authors' code in the other choices, clipmlr's loss-weight rule; README.md says which
-default comes from where), each in a process of its own (see sweep.train), and reports the mAP beside the
-defaults'. On the demo's miniature CLIP the numbers show which choices move the result there, in miniature; they
-are not the paper's numbers.
+Each row trains the same head on the same data and labels with one run.py option changed from the defaults
+(the paper's learning rates, the authors' code in the other choices, clipmlr's loss-weight rule; README.md
+says which default comes from where), each in a process of its own (see sweep.train), and reports the mAP
+beside the defaults'. On the demo's miniature CLIP the numbers show which choices move the result there, in
+miniature; they are not the paper's numbers.
 """
 import os
 
@@ -27,7 +27,8 @@ SWITCHES = [  # (what the row changes, run.py options); the first row is the def
 
 
 def run_switches(run_argv, out, script=None):
-    """Trains the defaults and every switch (skipping finished runs); returns [(row, option, results or None)].
+    """Trains the defaults and every switch (skipping finished runs);
+    returns [(row, option, results or None)].
 
     A switch that cannot matter for these settings (RandAugment without augmentation, the residual for heads
     that have none) is listed with no run.

@@ -1,9 +1,10 @@
 """Hand-written prompts: the 85 templates of the PositiveCoOp paper's Sec. 5.2 and the COCO class names.
 
 TEMPLATES is transcribed from the paper's supplement, Table 4 ("85 default prompts from ImageNet": CLIP's 80
-ImageNet templates plus five "... in the scene" ones), read row by row. A template holds one `{}` for the class
-name. `negated(template)` is the template's negative counterpart, made as the paper makes N1 from P1 in Sec. 5.2
-("photo of a {}" -> "Not a photo of a {}"): "not " in front (the tokenizer lower-cases, so "Not" is the same).
+ImageNet templates plus five "... in the scene" ones), read row by row. A template holds one `{}` for the
+class name. `negated(template)` is the template's negative counterpart, made as the paper makes N1 from P1 in
+Sec. 5.2 ("photo of a {}" -> "Not a photo of a {}"): "not " in front (the tokenizer lower-cases, so "Not" is
+the same).
 """
 
 # Sec. 5.2, Table 2: P1, its negation N1, and a second positive prompt P2
@@ -51,9 +52,9 @@ COCO_CLASSES = [  # the 80 COCO categories, official names, in category-id order
     "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
     "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
     "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
 ]
 
 assert len(TEMPLATES) == 85 and len(set(TEMPLATES)) == 85, "supplement Table 4 lists 85 distinct templates"

@@ -9,5 +9,5 @@ from .load import (MEAN, STD, DownloadError, LoadError, NoCheckpoint, available_
 from .model import CLIP, build_model
 from .tokenizer import tokenize
 
-__all__ = ["CLIP", "MEAN", "STD", "DownloadError", "LoadError", "NoCheckpoint", "available_models", "build_model",
-           "download", "load", "preprocess_for", "read_state_dict", "sha256_of", "tokenize"]
+__all__ = ["CLIP", "MEAN", "STD", "DownloadError", "LoadError", "NoCheckpoint", "available_models",
+           "build_model", "download", "load", "preprocess_for", "read_state_dict", "sha256_of", "tokenize"]

@@ -1,8 +1,9 @@
 """Finding, downloading, verifying and reading OpenAI's CLIP ResNet checkpoints.
 
-OpenAI publishes each model at https://openaipublic.azureedge.net/clip/models/<sha256>/<name>.pt, a TorchScript
-archive with fp16 weights; the sha256 in the URL is that of the whole file. We verify it, download to a temporary
-name and rename only when the file is complete and correct (torch.hub.download_url_to_file does both).
+OpenAI publishes each model at https://openaipublic.azureedge.net/clip/models/<sha256>/<name>.pt, a
+TorchScript archive with fp16 weights; the sha256 in the URL is that of the whole file. We verify it, download
+to a temporary name and rename only when the file is complete and correct (torch.hub.download_url_to_file does
+both).
 """
 import hashlib
 import http.client
@@ -56,8 +57,8 @@ def sha256_of(path, chunk=1 << 20):
 
 
 def outermost_missing(path):
-    """The outermost folder on the way to `path` that does not exist yet (what makedirs would create first), or
-    None when `path` exists: a failed download removes it again, leaving nothing empty behind."""
+    """The outermost folder on the way to `path` that does not exist yet (what makedirs would create first),
+    or None when `path` exists: a failed download removes it again, leaving nothing empty behind."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         return None
@@ -85,13 +86,15 @@ def download(name, root="weights", url=None, progress=True):
     os.makedirs(root, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, path, hash_prefix=expected, progress=progress)
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # the last: a reply that is not HTTP
+    # the last: a reply that is not HTTP
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
         if created:
             shutil.rmtree(created, ignore_errors=True)
         raise DownloadError(
-            f"could not download CLIP {name} from {url} ({reason}). Without network, fetch that URL on another "
-            f"machine and copy the file to {os.path.abspath(path)}; its sha256 must be {expected}.") from None
+            f"could not download CLIP {name} from {url} ({reason}). Without network, fetch that URL on "
+            f"another machine and copy the file to {os.path.abspath(path)}; its sha256 must be "
+            f"{expected}.") from None
     except RuntimeError as e:  # torch.hub's hash check (the partial file is already removed)
         if created:
             shutil.rmtree(created, ignore_errors=True)
@@ -119,7 +122,8 @@ def read_state_dict(path):
     if is_torchscript(path):
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated", category=FutureWarning)
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.*deprecated",
+                                        category=FutureWarning)
                 return torch.jit.load(path, map_location="cpu").state_dict()
         except Exception:  # a damaged archive: the plain reader below reports it
             pass
@@ -127,8 +131,9 @@ def read_state_dict(path):
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise LoadError(
-            f"cannot read the checkpoint {path} ({os.path.getsize(path):,} bytes): it is neither a TorchScript "
-            f"archive nor a torch.save'd state dict, and may be truncated or corrupt ({type(e).__name__}). "
+            f"cannot read the checkpoint {path} ({os.path.getsize(path):,} bytes): it is neither a "
+            f"TorchScript archive nor a torch.save'd state dict, and may be truncated or corrupt "
+            f"({type(e).__name__}). "
             f"Delete it and load the model by name to download it again.") from None
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
@@ -142,21 +147,23 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def preprocess_for(resolution):
-    """OpenAI's `preprocess` for a model of that input side: a PIL image -> (3, S, S) tensor, by a bicubic resize
-    of the short side to S, a centre crop, RGB, and CLIP's normalisation. (The paper's transform, a plain resize
-    to S x S with no crop, is augment.image_transform; run.py uses that one.)"""
+    """OpenAI's `preprocess` for a model of that input side: a PIL image -> (3, S, S) tensor, by a bicubic
+    resize of the short side to S, a centre crop, RGB, and CLIP's normalisation. (The paper's transform, a
+    plain resize to S x S with no crop, is augment.image_transform; run.py uses that one.)"""
     from torchvision import transforms as T  # the CLIP itself needs no torchvision
-    return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(resolution),
-                      lambda image: image.convert("RGB"), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(resolution, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(resolution), lambda image: image.convert("RGB"), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
 
 
 def load(name_or_path="RN101", device="cpu", download_root="weights", url=None):
-    """`model, preprocess = load(...)`, OpenAI's convention: a CLIP by name (see `available_models`, downloaded
-    into `download_root`, default ./weights, if not there already) or from a checkpoint file.
+    """`model, preprocess = load(...)`, OpenAI's convention: a CLIP by name (see `available_models`,
+    downloaded into `download_root`, default ./weights, if not there already) or from a checkpoint file.
 
     `model` is fp32, in eval mode on `device`, every parameter frozen; `model.sha256` is the checkpoint file's
-    sha256 (so results can name the exact weights they came from). `preprocess` is OpenAI's image transform for
-    the model's input side (`preprocess_for`). `url` overrides OpenAI's address (the tests serve a local one).
+    sha256 (so results can name the exact weights they came from). `preprocess` is OpenAI's image transform
+    for the model's input side (`preprocess_for`). `url` overrides OpenAI's address (the tests serve a local
+    one).
     """
     name_or_path = os.fspath(name_or_path)
     sha = None
@@ -169,8 +176,8 @@ def load(name_or_path="RN101", device="cpu", download_root="weights", url=None):
         raise NoCheckpoint(f"no CLIP checkpoint at {os.path.abspath(name_or_path)}; "
                            f"give an existing file or one of the names {available_models()}")
     else:
-        raise LoadError(f"unknown CLIP model {name_or_path!r}; the available models are {available_models()}, "
-                        f"or give the path of a checkpoint file")
+        raise LoadError(f"unknown CLIP model {name_or_path!r}; the available models are "
+                        f"{available_models()}, or give the path of a checkpoint file")
     try:
         model = build_model(read_state_dict(path))
     except ValueError as e:  # build_model's word for a state dict that is no CLIP ResNet

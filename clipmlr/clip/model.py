@@ -40,8 +40,9 @@ class Bottleneck(nn.Module):
             self.downsample.add_module("1", nn.BatchNorm2d(planes * 4))
 
     def forward(self, x):
-        # in place: each ReLU and the residual sum reuse the buffer a BatchNorm just made, instead of allocating
-        # another map as large (the same values; safe for autograd: BatchNorm's backward needs its input only)
+        # in place: each ReLU and the residual sum reuse the buffer a BatchNorm just made, instead of
+        # allocating another map as large (the same values; safe for autograd: BatchNorm's backward needs its
+        # input only)
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(self.avgpool(out)))
@@ -99,7 +100,8 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """ResNet with a 3-conv stem, anti-aliased strided convs and an attention pool instead of a global pool."""
+    """ResNet with a 3-conv stem, anti-aliased strided convs and an attention pool instead of a global
+    pool."""
 
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
@@ -180,7 +182,8 @@ class CLIP(nn.Module):
                  context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
         super().__init__()
         self.context_length = context_length
-        self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
+        self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution,
+                                     vision_width)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
         self.vocab_size = vocab_size
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
@@ -218,8 +221,8 @@ class CLIP(nn.Module):
         return self.text_projection.shape[1]
 
     def causal_mask(self, t, device, dtype=torch.float32):
-        """(T, T) additive mask: -inf above the diagonal, so token i sees tokens 0..i only. In the dtype of the
-        activations: attention refuses (or mis-reads) a float mask of another float type."""
+        """(T, T) additive mask: -inf above the diagonal, so token i sees tokens 0..i only. In the dtype of
+        the activations: attention refuses (or mis-reads) a float mask of another float type."""
         return torch.full((t, t), float("-inf"), device=device, dtype=dtype).triu(1)
 
     def encode_image(self, image):
@@ -294,5 +297,6 @@ def build_model(state_dict):
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     except RuntimeError as e:
-        raise ValueError(f"the state dict does not fit the CLIP ResNet inferred from its shapes: {e}") from None
+        raise ValueError(f"the state dict does not fit the CLIP ResNet inferred from its shapes: "
+                         f"{e}") from None
     return model.float().eval()
