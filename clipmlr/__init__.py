@@ -5,7 +5,8 @@ The core is the method, and imports nothing else of clipmlr:
     aggregation.py   class-specific region aggregation: 20·cos, softmax over positions, 5·weighted sum
     heads.py         the Baseline, DualCoOp, PositiveCoOp and NegativeCoOp heads, and their parameter groups
     loss.py          the asymmetric loss on the 2-way softmax, unknown labels ignored
-    metrics.py       the logit margin and the mAP it ranks by
+    metrics.py       the logit margin, the mAP it ranks by, and precision/recall/F1 in ML-GCN's and ASL's
+                     conventions
     data.py          VOC2007 / COCO2014 readers, label masking, the decoding check
     augment.py       the paper's transforms: resize, Cutout, RandAugment (the authors' policy or
                      torchvision's)
@@ -16,6 +17,7 @@ The layers go beyond the paper; they may import the core, the core never imports
     distributed.py   torchrun (DistributedDataParallel)
     download.py      VOC2007 and COCO2014 downloads through torchvision
     folder.py        your own partially labelled images: a folder with train.csv and test.csv
+    nuswide.py       NUS-WIDE's 81 concepts from the official release's lists
     predict.py       a trained head as a model: tag new images, or score its run's test split again
     demo.py          the offline demo: generated captioned scenes, the demo's CLIP by name, a random
                      miniature CLIP
