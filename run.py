@@ -3,11 +3,12 @@
     python run.py --head positive --data voc --labels 0.1          # the paper's VOC2007 setting, 10% labels
     python run.py --head dual --data demo                          # offline demo, about a minute on a CPU
 
-The paper's protocol (PositiveCoOp, Sec. 4), as `run` reads top to bottom: the training labels are masked (each
-kept with probability --labels); a frozen CLIP turns every image into dense features; the head turns those into
-presence/absence logits; the asymmetric loss trains the head for 50 epochs with SGD, a constant warm-up and a
-cosine schedule (`train_one_epoch`); the mAP of the LAST epoch on the full test split is the result (`evaluate`).
-It goes to --out (default runs/<data>-<head>-<labels>-seed<seed>/).
+The paper's protocol (PositiveCoOp, Sec. 4), as `run` reads top to bottom: the training labels are masked
+(each kept with probability --labels); a frozen CLIP turns every image into dense features; the head turns
+those into presence/absence logits; the asymmetric loss trains the head for 50 epochs with SGD, a constant
+warm-up and a cosine schedule (`train_one_epoch`); the mAP of the LAST epoch on the full test split is the
+result (`evaluate`, which also reports precision, recall and F1 in ML-GCN's and ASL's conventions). It goes to
+--out (default runs/<data>-<head>-<labels>-seed<seed>/).
 
 The method is the core of clipmlr (clip/, heads.py, aggregation.py, loss.py, metrics.py, data.py, augment.py).
 The lines marked [layer] call what goes beyond the paper: the feature cache, checkpoints and resume, torchrun,
@@ -25,7 +26,8 @@ from clipmlr.augment import EpochSampler, SeededViews
 from clipmlr.data import check_decodable, mask_labels
 from clipmlr.heads import build_head, count_trainable, frozen_encoder, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
-from clipmlr.metrics import ap_by_class, margins_of, mean_average_precision
+from clipmlr.metrics import (ap_by_class, format_metrics, margins_of, mean_average_precision,
+                             threshold_metrics)
 from clipmlr import checkpoint, cli, distributed, pipelines  # the layers
 
 
@@ -33,8 +35,6 @@ def run(args):
     rank, world, device = start(args)  # [layer: torchrun] one process per GPU, or just one
     say = print if rank == 0 else lambda *a, **k: None
     state = checkpoint.resume_state(args.out, cli.settings_of(args), args.resume)  # [layer: resume]
-    if args.resume and state is None:
-        say(f"no checkpoint in {args.out} yet: starting at epoch 1 (a begun feature cache goes on where it stopped)")
 
     # the data, and the partial labels: each training label kept with probability --labels (Sec. 4), seeded
     train, train_y, test, test_y, classnames = cli.load_data(args, say)  # [layer: cli]
@@ -48,47 +48,43 @@ def run(args):
 
     # the head, and SGD with one learning rate per kind of parameter (context vectors, embeddings, projector)
     head, optimizer = head_and_optimizer(args, model, classnames, loss_weight, say)
-    history, start_epoch, train_seconds = [], 0, 0.0
-    if state is not None:  # [layer: resume]
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, start_epoch, train_seconds = state["history"], state["epoch"], state["train_seconds"]
-        say(f"resuming {args.out} after epoch {start_epoch}")
-    trained = head
-    if world > 1:  # [layer: torchrun] gradients averaged over ranks; the loss is scaled to keep the sum's
-        trained = torch.nn.parallel.DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
+    history, start_epoch, train_seconds = restore(state, head, optimizer, args, say)  # [layer: resume]
+    trained = distributed.wrap(head, device)  # [layer: torchrun] DDP: gradients averaged over the ranks
 
-    # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment), or their cached features
-    loader, test_loader, shard, features_of = image_loaders(args, train, mask_y, test, test_y, encode, clip_info,
-                                                           model, rank, world, say)
-    ckpt_path = start_run_folder(args, mask_y, rank)  # every input has passed its checks: now the folder is written
+    # the images: decoded, resized to S x S, augmented for training (Cutout + RandAugment), or their cached
+    # features; every input has passed its checks once they are ready: only then is --out written
+    loader, test_loader, shard, features_of = image_loaders(args, train, mask_y, test, test_y, encode,
+                                                           clip_info, model, rank, world, say)
+    ckpt_path = start_run_folder(args, mask_y, rank)
 
-    # training: for epoch, for batch: images -> features -> head -> loss -> step; the test split's mAP at the end
-    ap = None
+    # training: for epoch, for batch: images -> features -> head -> loss -> step; the test mAP at the end
+    scores = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         set_learning_rates(optimizer, epoch, args)
-        loader.sampler.set_epoch(epoch)  # the order and the augmentations of this epoch (augment.EpochSampler)
+        loader.sampler.set_epoch(epoch)  # this epoch's order and augmentations (augment.EpochSampler)
         mean_loss = train_one_epoch(trained, loader, features_of, optimizer, loss_weight, device, world,
                                     desc=f"epoch {epoch + 1}", quiet=rank != 0)
         if not math.isfinite(mean_loss):
-            raise cli.RunError(f"the loss became {mean_loss} in epoch {epoch + 1}; the run stops here. The last "
-                               f"good checkpoint is {ckpt_path}; lower the learning rates or --loss-weight and "
-                               f"start a new run")
+            raise cli.RunError(f"the loss became {mean_loss} in epoch {epoch + 1}; the run stops here. The "
+                               f"last good checkpoint is {ckpt_path}; lower the learning rates or "
+                               f"--loss-weight and start a new run")
         train_seconds += time.time() - t0
-        record = {"epoch": epoch + 1, "loss": mean_loss, "lr": [g["lr"] for g in optimizer.param_groups],
-                  "seconds": time.time() - t0}
+        history.append({"epoch": epoch + 1, "loss": mean_loss, "seconds": time.time() - t0,
+                        "lr": [g["lr"] for g in optimizer.param_groups]})
         if epoch + 1 == args.epochs or (args.eval_every and (epoch + 1) % args.eval_every == 0):
-            record["map"], ap = evaluate(head, test_loader, shard, features_of, test_y)
-        history.append(record)
-        say(progress_line(record, args.epochs, train_seconds / len(history) * (args.epochs - epoch - 1)))
+            scores = evaluate(head, test_loader, shard, features_of, test_y, args.threshold, args.top_k)
+            history[-1]["map"] = scores["map"]
+        say(progress_line(history[-1], args.epochs, train_seconds / len(history) * (args.epochs - epoch - 1)))
         if rank == 0:  # [layer: resume] every epoch, so a killed run loses at most one
             checkpoint.save_atomic({"head": head.state_dict(), "optimizer": optimizer.state_dict(),
                                     "epoch": epoch + 1, "history": history, "train_seconds": train_seconds,
                                     "mask": mask_y, "settings": cli.settings_of(args)}, ckpt_path)
-    if ap is None:  # resumed a run whose training had finished: evaluate its final head
-        history[-1]["map"], ap = evaluate(head, test_loader, shard, features_of, test_y)
-    return save_run(args, head, classnames, ap, history, train_seconds, loss_weight, clip_info, model, world, say)
+    if scores is None:  # resumed a run whose training had finished: evaluate its final head
+        scores = evaluate(head, test_loader, shard, features_of, test_y, args.threshold, args.top_k)
+        history[-1]["map"] = scores["map"]
+    return save_run(args, head, classnames, scores, history, train_seconds, loss_weight, clip_info, model,
+                    world, say)
 
 
 def start(args):
@@ -96,8 +92,8 @@ def start(args):
     rank, world, device = distributed.setup(args.device)
     args.device = str(device)
     if args.batch_size % world:
-        raise cli.RunError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; the global "
-                           f"batch is split evenly over them, so give a multiple of {world}")
+        raise cli.RunError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; the "
+                           f"global batch is split evenly over them, so give a multiple of {world}")
     cli.check_writable(args.out, "--out")
     if args.cache_features:
         cli.check_writable(args.cache_dir, "--cache-dir")
@@ -105,24 +101,25 @@ def start(args):
 
 
 def describe_data(args, mask_y, test_y, classnames, n_train, device, world, say):
-    """Says what the run trains on; returns the loss weight (--loss-weight, or the rule of the known fraction)."""
+    """Says what the run trains on; returns the loss weight (--loss-weight, or the known fraction's rule)."""
     known = (mask_y >= 0).float().mean().item()
-    say(f"data: {args.data}, {n_train} training images ({known * 100:.1f}% of labels known), {len(test_y)} test "
-        f"images, {len(classnames)} classes; device {device}" + (f", {world} processes" if world > 1 else "")
+    say(f"data: {args.data}, {n_train} training images ({known * 100:.1f}% of labels known), {len(test_y)} "
+        f"test images, {len(classnames)} classes; device {device}"
+        + (f", {world} processes" if world > 1 else "")
         + f"; {cli.plural(args.workers, 'loader worker')}, --pipeline {args.pipeline}")
     if known == 0:
-        raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} labels); "
-                           f"give a larger --labels")
+        raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} "
+                           f"labels); give a larger --labels")
     no_ap = [n for n, has in zip(classnames, (test_y == 1).any(dim=0).tolist()) if not has]
     if no_ap:
-        say(f"note: {len(no_ap)} class(es) have no known positive test label, so no AP (null), left out of the "
-            f"mAP: {', '.join(no_ap[:10])}{' ...' if len(no_ap) > 10 else ''}")
+        say(f"note: {len(no_ap)} class(es) have no known positive test label, so no AP (null), left out of "
+            f"the mAP: {', '.join(no_ap[:10])}{' ...' if len(no_ap) > 10 else ''}")
     return loss_weight_rule(known) if args.loss_weight is None else args.loss_weight  # 0.03 at 50% of labels
 
 
 def head_and_optimizer(args, model, classnames, loss_weight, say):
-    """The head (initialised under --seed) and SGD over its parameter groups, each with its own learning rate."""
-    torch.manual_seed(args.seed)  # the head's initialisation; the data order and augmentations seed themselves
+    """The head (initialised under --seed) and SGD over its parameter groups, each with its learning rate."""
+    torch.manual_seed(args.seed)  # the head's initialisation; data order and augmentations seed themselves
     head = build_head(args.head, model, classnames, n_ctx=args.n_ctx, class_specific=not args.shared_context,
                       absence_weights=args.absence_weights, residual=not args.no_residual)
     groups = parameter_groups(head, args.lr_prompt, args.lr_embedding, args.lr_linear)
@@ -134,40 +131,55 @@ def head_and_optimizer(args, model, classnames, loss_weight, say):
     return head, optimizer
 
 
+def restore(state, head, optimizer, args, say):
+    """(history, epochs done, training seconds) of the run to continue: its checkpoint's, or a fresh start."""
+    if state is None:
+        if args.resume:
+            say(f"no checkpoint in {args.out} yet: starting at epoch 1 (a begun feature cache goes on where "
+                f"it stopped)")
+        return [], 0, 0.0
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    say(f"resuming {args.out} after epoch {state['epoch']}")
+    return state["history"], state["epoch"], state["train_seconds"]
+
+
 def image_loaders(args, train, mask_y, test, test_y, encode, clip_info, model, rank, world, say):
     """(training loader, test loader, test shard, features_of): the images through the input pipeline, or with
     --cache-features their features encoded once (training images in V augmented views) and read back.
 
     The training order is a permutation seeded by (seed, epoch); [layer: torchrun] rank r takes every world-th
     image of it, so the union of the ranks' batches k is the global batch k one process would see. Image i's
-    augmentation in epoch e is seeded by (seed, e, i) alone (SeededViews): the same whatever the workers or ranks,
-    and the same as the feature cache's view e; so the workers persist from epoch to epoch.
+    augmentation in epoch e is seeded by (seed, e, i) alone (SeededViews): the same whatever the workers or
+    ranks, and the same as the feature cache's view e; so the workers persist from epoch to epoch.
     """
     if isinstance(train[0], str) and (not args.cache_features or args.pipeline == "device"):
-        # every image must decode now, not fail in epoch 37 (a cache's build decodes them all; nvJPEG less strictly)
+        # every image must decode now, not fail in epoch 37 (a cache's build decodes them all; nvJPEG less so)
         paths = list(train) + list(test)
         say(f"checking that all {len(paths)} images decode ({args.workers} workers"
             + (f" x {world} processes)" if world > 1 else ")"))
-        check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] a share each
+        check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] shares
     key = cli.feature_key(args, clip_info, model) if args.cache_features else None
     if args.cache_features:  # [layer: cache]
         views = args.cache_views if args.augment else 1
-        say(f"encoding the features: test images x 1, training images x {views} view(s), cached in {args.cache_dir}")
+        say(f"encoding the features: test images x 1, training images x {views} view(s), cached in "
+            f"{args.cache_dir}")
     test_loader, shard = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
     train_set = cli.split_set(args, train, mask_y, True, encode, key)  # [layer: cli]
-    order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed)
+    order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, seed=args.seed)
     if not args.cache_features:
         train_set = SeededViews(train_set, args.epochs, args.seed)
     workers = 0 if args.cache_features else args.workers  # reading stored arrays needs no worker processes
-    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world,
-                                         sampler=EpochSampler(order, len(order.dataset)), num_workers=workers,
-                                         persistent_workers=workers > 0, pin_memory=args.device.startswith("cuda"),
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size // world, num_workers=workers,
+                                         sampler=EpochSampler(order, len(order.dataset)),
+                                         persistent_workers=workers > 0,
+                                         pin_memory=args.device.startswith("cuda"),
                                          collate_fn=pipelines.collate)  # [layer: input pipeline]
     return loader, test_loader, shard, cli.features_of(args, encode)
 
 
 def start_run_folder(args, mask_y, rank):
-    """Creates --out (rank 0), clears what a killed write left, saves the label mask; the checkpoint's path."""
+    """Creates --out (rank 0), clears what a killed write left, saves the label mask; the checkpoint path."""
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         checkpoint.remove_stale(args.out)  # [layer: resume] temporary files of a run killed while writing
@@ -186,11 +198,12 @@ def set_learning_rates(optimizer, epoch, args):
             group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_one_epoch(head, loader, features_of, optimizer, loss_weight, device, world=1, desc="epoch", quiet=False):
+def train_one_epoch(head, loader, features_of, optimizer, loss_weight, device, world=1, desc="epoch",
+                    quiet=False):
     """One pass over the training set; the mean loss per global batch (one host sync, at the end)."""
     total = torch.zeros((), device=device)
     for batch, targets, _ in tqdm(loader, desc=desc, leave=False, disable=quiet or None):
-        features = features_of(batch)  # (B, L, D): the frozen CLIP's encode_dense of the images (or its cache)
+        features = features_of(batch)  # (B, L, D): the frozen CLIP's encode_dense of the images, or cached
         logits = head(features)  # (B, C, 2): presence, absence
         loss = loss_weight * asymmetric_loss(logits, targets.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
@@ -200,15 +213,19 @@ def train_one_epoch(head, loader, features_of, optimizer, loss_weight, device, w
     return distributed.all_sum(total).item() / len(loader)
 
 
-def evaluate(head, test_loader, shard, features_of, test_y):
-    """(mAP in percent, (C,) APs) of the whole test split, ranked by the logit margins (presence − absence).
+def evaluate(head, test_loader, shard, features_of, test_y, threshold=0.5, top_k=3):
+    """{"map": mAP in percent, "ap": (C,) APs, "metrics": precision/recall/F1} of the whole test split, from
+    the logit margins (presence − absence). The mAP is the paper's metric; the metrics are
+    metrics.threshold_metrics in ML-GCN's and ASL's conventions, at the probability `threshold` and `top_k`.
 
     A margin never saturates, unlike an fp32 softmax probability (exactly 1.0 past a margin of ~17), so no two
     confident images tie and the mAP does not depend on the order of the test images. [layer: torchrun] each
     rank scores its own shard and the shards are gathered.
     """
     margins = margins_of(head, test_loader, features_of).reshape(len(shard), test_y.shape[1])  # (shard, C)
-    return mean_average_precision(distributed.gather_rows((shard, margins), len(test_y)), test_y)
+    margins = distributed.gather_rows((shard, margins), len(test_y))  # (N, C)
+    mean_ap, ap = mean_average_precision(margins, test_y)
+    return {"map": mean_ap, "ap": ap, "metrics": threshold_metrics(margins, test_y, threshold, top_k)}
 
 
 def progress_line(record, epochs, eta):
@@ -217,22 +234,27 @@ def progress_line(record, epochs, eta):
     return line + (f"  mAP {record['map']:.2f}" if "map" in record else "")
 
 
-def save_run(args, head, classnames, ap, history, train_seconds, loss_weight, clip_info, model, world, say):
-    """Writes results.json (the last epoch's mAP, per-class APs, history, settings) and head.pt, a head that
-    describes itself (`python -m clipmlr.predict` rebuilds it from that file alone); returns the results."""
+def save_run(args, head, classnames, scores, history, train_seconds, loss_weight, clip_info, model, world,
+             say):
+    """Writes results.json (the last epoch's mAP, per-class APs, threshold metrics, history, settings) and
+    head.pt, a head that describes itself (`python -m clipmlr.predict` rebuilds it from that file alone)."""
     results = {
-        "head": args.head, "data": args.data, "labels": args.labels, "seed": args.seed, "map": history[-1]["map"],
-        "per_class_ap": ap_by_class(classnames, ap),  # null for a class with no positive test label
+        "head": args.head, "data": args.data, "labels": args.labels, "seed": args.seed,
+        "map": history[-1]["map"],  # the last epoch's
+        "per_class_ap": ap_by_class(classnames, scores["ap"]),  # null for a class with no positive test label
+        "metrics": scores["metrics"],  # CP, CR, CF1, OP, OR, OF1 in ML-GCN's and ASL's conventions
         "trainable_params": count_trainable(head), "train_seconds": train_seconds, "history": history,
-        "clip": clip_info, "settings": cli.settings_of(args), "loss_weight": loss_weight, "device": args.device,
+        "clip": clip_info, "settings": cli.settings_of(args), "loss_weight": loss_weight,
+        "device": args.device,
         "data_root": os.path.abspath(args.data_root), "cache_dir": os.path.abspath(args.cache_dir),
         "clip_path": os.path.abspath(args.clip) if args.clip and os.path.isfile(args.clip) else None,
         "weights_dir": os.path.abspath(args.weights_dir), "processes": world, "torch": torch.__version__,
     }
     evaluated = [h for h in history if "map" in h]
-    if len(evaluated) > 1:  # the authors keep their best epoch on the test set: for comparison with their tables
+    if len(evaluated) > 1:  # the authors keep their best epoch on the test set: to compare with their tables
         best = max(evaluated, key=lambda h: h["map"])
-        results["best_epoch_selected_on_test"] = {**best, "note": "chosen on the test set: not the result (map)"}
+        results["best_epoch_selected_on_test"] = {**best,
+                                                  "note": "chosen on the test set: not the result (map)"}
     if distributed.rank() == 0:  # [layer: checkpoint] atomic writes
         checkpoint.save_atomic({"state_dict": head.state_dict(), "head": args.head, "classnames": classnames,
                                 "n_ctx": args.n_ctx, "shared_context": args.shared_context,
@@ -241,6 +263,7 @@ def save_run(args, head, classnames, ap, history, train_seconds, loss_weight, cl
                                 "clip": {**clip_info, "identity": cli.clip_identity(clip_info, model)}},
                                os.path.join(args.out, "head.pt"))
         checkpoint.save_atomic(results, os.path.join(args.out, "results.json"))
+    say(format_metrics(scores["metrics"]))
     say(f"mAP {results['map']:.2f} (last epoch) -> {os.path.join(args.out, 'results.json')}")
     return results
 

@@ -37,6 +37,16 @@ def use_device(name):
     return device
 
 
+def wrap(module, device):
+    """`module` in DistributedDataParallel under torchrun (its gradients averaged over the ranks at each
+    backward), `module` itself for one process."""
+    if world_size() == 1:
+        return module
+    device = torch.device(device)
+    ids = [device.index] if device.type == "cuda" else None  # the GPU of this rank; none for gloo on CPUs
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
 def cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """A trained head as a model (a layer): tag new images with it, or score its run's test split again.
 
     python -m clipmlr.predict RUN_DIR PATH... [--threshold 0.5] [--top-k K] [--json FILE]   (in any order)
-    python -m clipmlr.predict RUN_DIR --evaluate [--tolerance 0.01]
+    python -m clipmlr.predict RUN_DIR --evaluate [--tolerance 0.01] [--threshold 0.5] [--top-k 3]
 
 RUN_DIR is the --out folder of a finished `python run.py ...`. Its head.pt describes the head (type, class
 names, context, image size, and the CLIP it was trained on, by name and sha256), so the head is rebuilt from
@@ -9,13 +9,14 @@ it alone; the run's CLIP is loaded as run.py loaded it (a head on another CLIP i
 hashes). A PATH is an image or a folder of images; each image is encoded once at the run's resolution, in
 batches, never all held in memory. An unreadable image is reported by name and skipped. Per image, the classes
 whose probability passes --threshold (or the --top-k most likely) are printed with their probability; --json
-writes, for every image and class, the probability and the logit margin (presence − absence), which is what an
-AP ranks by: probabilities saturate at 1.0 and tie, margins do not.
+writes, for every image and class, the probability and the logit margin (presence − absence), which is what
+an AP ranks by: probabilities saturate at 1.0 and tie, margins do not.
 
---evaluate scores the run's test split again from head.pt (with the run's own feature cache if it used one)
-and prints the mAP beside results.json's `map` and their difference: equal in the same setting, a last digit
-apart on a GPU, under torchrun or with other thread counts (the sums run in another order); the exit status is
-1 only beyond --tolerance.
+--evaluate scores the run's test split again from head.pt (with the run's own feature cache if it used one),
+prints the precision/recall/F1 metrics in both conventions (metrics.threshold_metrics, at --threshold and
+--top-k, default 0.5 and 3) and the mAP beside results.json's `map` and their difference: equal in the same
+setting, a last digit apart on a GPU, under torchrun or with other thread counts (the sums run in another
+order); the exit status is 1 only beyond --tolerance.
 
 Loading the CLIP takes a while (~20 s for RN101), so everything that needs no CLIP is checked first: both
 files of the run folder, the run's options, every PATH (and that a folder holds images), the --json
@@ -33,7 +34,7 @@ from .augment import image_transform
 from .checkpoint import save_atomic
 from .data import DataError, read_image
 from .heads import build_head, frozen_encoder
-from .metrics import margin, margins_of, mean_average_precision
+from .metrics import format_metrics, margin, margins_of, mean_average_precision, threshold_metrics
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 HEAD_KEYS = ("state_dict", "head", "classnames", "n_ctx", "shared_context", "absence_weights", "residual",
@@ -194,14 +195,16 @@ def predict(head, model, paths, image_size, device, batch_size=32, workers=0):
             yield (paths[i], error) if error else (paths[i], next(rows))
 
 
-def evaluate(head, model, record, results, args):
-    """The run's test mAP again, from head.pt, computed as run.py computed it (same features, same
-    batches)."""
+def evaluate(head, model, record, results, args, threshold=0.5, top_k=3):
+    """(mAP, threshold metrics) of the run's test split again, from head.pt, computed as run.py computed them
+    (same features, same batches): metrics.threshold_metrics at `threshold` and `top_k`."""
     _, _, test, test_y, _ = cli.load_data(args, say=lambda *a: None)
     encode = frozen_encoder(model, args.device)
     key = cli.feature_key(args, results["clip"], model) if args.cache_features else None
     loader, _ = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
-    return mean_average_precision(margins_of(head, loader, cli.features_of(args, encode)), test_y)
+    margins = margins_of(head, loader, cli.features_of(args, encode))  # (N, C)
+    mean_ap, _ = mean_average_precision(margins, test_y)
+    return mean_ap, threshold_metrics(margins, test_y, threshold, top_k)
 
 
 def parse_args(argv=None):
@@ -211,8 +214,10 @@ def parse_args(argv=None):
     p.add_argument("run", help="a finished run.py --out folder (holding head.pt and results.json)")
     p.add_argument("paths", nargs="*", help="images, or folders of images")
     p.add_argument("--threshold", type=float, default=0.5,
-                   help="print the classes whose probability passes this")
-    p.add_argument("--top-k", type=int, default=None, help="print the K most likely classes instead")
+                   help="print the classes whose probability passes this (with --evaluate: the threshold of "
+                   "the precision/recall metrics)")
+    p.add_argument("--top-k", type=int, default=None, help="print the K most likely classes instead (with "
+                   "--evaluate: the k of the metrics' top-k variant, default 3)")
     p.add_argument("--json", default=None, help="write every image's probability and margin per class here")
     p.add_argument("--evaluate", action="store_true",
                    help="score the run's test split again and print its mAP")
@@ -232,6 +237,9 @@ def parse_args(argv=None):
         p.error("give images or folders to tag, or --evaluate")
     if not 0 <= args.threshold <= 1:
         p.error(f"--threshold {args.threshold:g} is a probability: give a value in [0, 1]")
+    if args.evaluate and not 0 < args.threshold < 1:
+        p.error(f"--threshold {args.threshold:g}: --evaluate's precision/recall metrics need a probability "
+                f"strictly between 0 and 1")
     if not args.tolerance >= 0:  # NaN too
         p.error(f"--tolerance {args.tolerance:g} must be 0 or more (mAP points)")
     for name in ("top_k", "batch_size"):
@@ -255,7 +263,8 @@ def run(opts):
     status = 0
     if opts.evaluate:
         print(f"scoring {args.data}'s test split again")
-        value, _ = evaluate(head, model, record, results, args)
+        value, metrics = evaluate(head, model, record, results, args, opts.threshold, opts.top_k or 3)
+        print(format_metrics(metrics))
         difference = value - results["map"]
         within = abs(difference) <= opts.tolerance
         print(f"mAP {value:.4f} on {args.data}'s test split; results.json: {results['map']:.4f}; difference "
