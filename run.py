@@ -55,7 +55,7 @@ def run(args):
     # features; every input has passed its checks once they are ready: only then is --out written
     loader, test_loader, shard, features_of = image_loaders(args, train, mask_y, test, test_y, encode,
                                                            clip_info, model, rank, world, say)
-    ckpt_path = start_run_folder(args, mask_y, rank)
+    ckpt_path = start_run_folder(args, mask_y, rank)  # [layer: resume] --out, its mask.pt
 
     # training: for epoch, for batch: images -> features -> head -> loss -> step; the test mAP at the end
     scores = None
