@@ -26,8 +26,7 @@ from clipmlr.augment import EpochSampler, SeededViews
 from clipmlr.data import check_decodable, mask_labels
 from clipmlr.heads import build_head, count_trainable, frozen_encoder, parameter_groups
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
-from clipmlr.metrics import (ap_by_class, format_metrics, margins_of, mean_average_precision,
-                             threshold_metrics)
+from clipmlr.metrics import ap_by_class, format_metrics, margins_of, scores_of_margins
 from clipmlr import checkpoint, cli, distributed, pipelines  # the layers
 
 
@@ -66,9 +65,9 @@ def run(args):
         mean_loss = train_one_epoch(trained, loader, features_of, optimizer, loss_weight, device, world,
                                     desc=f"epoch {epoch + 1}", quiet=rank != 0)
         if not math.isfinite(mean_loss):
-            raise cli.RunError(f"the loss became {mean_loss} in epoch {epoch + 1}; the run stops here. The "
-                               f"last good checkpoint is {ckpt_path}; lower the learning rates or "
-                               f"--loss-weight and start a new run")
+            kept = f"its last good checkpoint: {ckpt_path}" if os.path.isfile(ckpt_path) else "no checkpoint"
+            raise cli.RunError(f"the loss became {mean_loss} in epoch {epoch + 1}; the run stops here "
+                               f"({kept}); lower the learning rates or --loss-weight and start a new run")
         train_seconds += time.time() - t0
         history.append({"epoch": epoch + 1, "loss": mean_loss, "seconds": time.time() - t0,
                         "lr": [g["lr"] for g in optimizer.param_groups]})
@@ -89,12 +88,12 @@ def run(args):
 
 def start(args):
     """(rank, world size, device), after the checks that need nothing loaded: a bad folder fails at once."""
-    rank, world, device = distributed.setup(args.device)
+    rank, world, device = distributed.setup(args.device)  # [layer: torchrun]
     args.device = str(device)
     if args.batch_size % world:
         raise cli.RunError(f"--batch-size {args.batch_size} is not divisible by the {world} processes; the "
                            f"global batch is split evenly over them, so give a multiple of {world}")
-    cli.check_writable(args.out, "--out")
+    cli.check_writable(args.out, "--out")  # [layer: cli]
     if args.cache_features:
         cli.check_writable(args.cache_dir, "--cache-dir")
     return rank, world, device
@@ -111,6 +110,10 @@ def describe_data(args, mask_y, test_y, classnames, n_train, device, world, say)
         raise cli.RunError(f"no training label is known (--labels {args.labels:g} of {mask_y.numel()} "
                            f"labels); give a larger --labels")
     no_ap = [n for n, has in zip(classnames, (test_y == 1).any(dim=0).tolist()) if not has]
+    if len(no_ap) == len(classnames):  # not after 50 epochs
+        raise cli.RunError(f"no test image of --data {args.data} has a known positive label, so no AP can be "
+                           f"computed" + (" (VOC objects marked difficult count as absent: try "
+                                          "--voc-difficult present)" if args.data == "voc" else ""))
     if no_ap:
         say(f"note: {len(no_ap)} class(es) have no known positive test label, so no AP (null), left out of "
             f"the mAP: {', '.join(no_ap[:10])}{' ...' if len(no_ap) > 10 else ''}")
@@ -158,13 +161,15 @@ def image_loaders(args, train, mask_y, test, test_y, encode, clip_info, model, r
         paths = list(train) + list(test)
         say(f"checking that all {len(paths)} images decode ({args.workers} workers"
             + (f" x {world} processes)" if world > 1 else ")"))
-        check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers)  # [torchrun] shares
-    key = cli.feature_key(args, clip_info, model) if args.cache_features else None
+        # [layer: torchrun] each rank a share; every rank raises the same error, naming all the bad ones
+        check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers, len(paths),
+                        distributed.gather_lists)
+    key = cli.feature_key(args, clip_info, model) if args.cache_features else None  # [layer: cache]
     if args.cache_features:  # [layer: cache]
         views = args.cache_views if args.augment else 1
         say(f"encoding the features: test images x 1, training images x {views} view(s), cached in "
             f"{args.cache_dir}")
-    test_loader, shard = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
+    test_loader, shard = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))  # [cli]
     train_set = cli.split_set(args, train, mask_y, True, encode, key)  # [layer: cli]
     order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, seed=args.seed)
     if not args.cache_features:
@@ -175,7 +180,7 @@ def image_loaders(args, train, mask_y, test, test_y, encode, clip_info, model, r
                                          persistent_workers=workers > 0,
                                          pin_memory=args.device.startswith("cuda"),
                                          collate_fn=pipelines.collate)  # [layer: input pipeline]
-    return loader, test_loader, shard, cli.features_of(args, encode)
+    return loader, test_loader, shard, cli.features_of(args, encode)  # [layer: cli] images or cached
 
 
 def start_run_folder(args, mask_y, rank):
@@ -210,7 +215,7 @@ def train_one_epoch(head, loader, features_of, optimizer, loss_weight, device, w
         (loss * world).backward()  # [layer: torchrun] DDP averages gradients; x world makes them the sum's
         optimizer.step()
         total += loss.detach()
-    return distributed.all_sum(total).item() / len(loader)
+    return distributed.all_sum(total).item() / len(loader)  # [layer: torchrun] the sum over ranks
 
 
 def evaluate(head, test_loader, shard, features_of, test_y, threshold=0.5, top_k=3):
@@ -223,9 +228,8 @@ def evaluate(head, test_loader, shard, features_of, test_y, threshold=0.5, top_k
     rank scores its own shard and the shards are gathered.
     """
     margins = margins_of(head, test_loader, features_of).reshape(len(shard), test_y.shape[1])  # (shard, C)
-    margins = distributed.gather_rows((shard, margins), len(test_y))  # (N, C)
-    mean_ap, ap = mean_average_precision(margins, test_y)
-    return {"map": mean_ap, "ap": ap, "metrics": threshold_metrics(margins, test_y, threshold, top_k)}
+    margins = distributed.gather_rows((shard, margins), len(test_y))  # (N, C) [layer: torchrun]
+    return scores_of_margins(margins, test_y, threshold, top_k)
 
 
 def progress_line(record, epochs, eta):

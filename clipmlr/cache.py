@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .checkpoint import save_atomic
+from .data import DataError
 from .augment import SeededViews
 from .pipelines import collate
 
@@ -175,23 +176,28 @@ def open_cache(folder, key, shape_of, chunk):
     (its key fixes L and D)."""
     meta_path, features_path = os.path.join(folder, "meta.json"), os.path.join(folder, "features.npy")
     if os.path.isfile(meta_path):
-        try:
+        name = "meta.json"
+        try:  # damaged files: cut short, overwritten, not ours
             with open(meta_path) as f:
                 meta = json.load(f)
-            check_meta(folder, meta, key)
+            name = "features.npy"
             stored = np.load(features_path, mmap_mode="r").shape
-            done = torch.load(os.path.join(folder, "done.pt"), weights_only=True)
-            consistent = (list(stored) == meta["shape"]
-                          and list(stored[:2]) == [key["views"], key["n_images"]]
-                          and tuple(done.shape) == (stored[0], -(-stored[1] // meta["chunk"])))
-        except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError,
-                pickle.UnpicklingError) as e:
-            # damaged: cut short, overwritten, ...
-            raise CacheError(f"the feature cache {folder} is unreadable ({type(e).__name__}: {e}); "
+            name = "done.pt"
+            done = torch.load(os.path.join(folder, name), weights_only=True)
+        except (OSError, ValueError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            raise CacheError(f"the feature cache {folder} is unreadable (its {name}: {type(e).__name__}); "
                              f"delete that folder") from None
+        if not (isinstance(meta, dict) and isinstance(meta.get("key"), dict)
+                and isinstance(done, torch.Tensor)):
+            raise CacheError(f"the feature cache {folder} is unreadable (its meta.json or done.pt is not "
+                             f"clipmlr's); delete that folder")
+        check_meta(folder, meta, key)
+        consistent = (list(stored) == meta.get("shape")
+                      and list(stored[:2]) == [key["views"], key["n_images"]]
+                      and tuple(done.shape) == (stored[0], -(-stored[1] // meta.get("chunk", 1))))
         if not consistent:
             raise CacheError(f"the feature cache {folder} is inconsistent (features {tuple(stored)}, "
-                             f"progress {done.shape}, meta {meta['shape']}); delete that folder")
+                             f"progress {tuple(done.shape)}, meta {meta.get('shape')}); delete that folder")
         return meta, done
     shape = shape_of()
     size = int(np.prod(shape)) * 2
@@ -214,17 +220,24 @@ def cached_features(dataset, encode, batch_size, workers, cache_dir, key, pin_me
 
     One process builds, holding the folder's lock: two independent runs on one cache folder never build it at
     once (the second waits, then finds it complete). Under torchrun rank 0 builds while the other ranks wait
-    at a barrier (a cache is built once and read by every later run, so one GPU building it costs little).
+    (a cache is built once and read by every later run, so one GPU building it costs little); an error of
+    rank 0's (a damaged cache, an image that does not decode) is raised on every rank.
     """
     folder = cache_folder(cache_dir, key)
+    error = None
     if distributed.rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-        with build_lock(folder):
-            meta, done = open_cache(folder, key, lambda: (key["views"], len(dataset),
-                                                            *feature_shape(dataset, encode)), batch_size)
-            if not meta["complete"]:
-                build(folder, meta, done, dataset, encode, workers, key, pin_memory)
-    distributed.barrier()  # the other ranks wait for rank 0's build
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with build_lock(folder):
+                meta, done = open_cache(folder, key, lambda: (key["views"], len(dataset),
+                                                                *feature_shape(dataset, encode)), batch_size)
+                if not meta["complete"]:
+                    build(folder, meta, done, dataset, encode, workers, key, pin_memory)
+        except (CacheError, DataError) as e:  # a damaged cache, an image that does not decode
+            error = e
+    error = distributed.first_error(error)  # the other ranks wait here for rank 0's build
+    if error is not None:
+        raise error
     return np.load(os.path.join(folder, "features.npy"), mmap_mode="r")
 
 

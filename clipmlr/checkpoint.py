@@ -2,6 +2,7 @@
 name, a run's state read back, and the check that a resumed run has the settings it was started with."""
 import json
 import os
+import pickle
 import secrets
 
 import torch
@@ -54,8 +55,10 @@ def load_checkpoint(path):
     """The dict saved at `path` (tensors, numbers, strings, lists and dicts only: read with weights_only)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); "
+    except Exception as e:  # torch's own message can run to paragraphs (weights_only's): its first line
+        detail = ("not a file torch.save wrote" if isinstance(e, pickle.UnpicklingError)
+                  else (str(e).strip().splitlines() or [""])[0])
+        raise CheckpointError(f"cannot read the checkpoint {path} ({type(e).__name__}: {detail}); "
                               f"delete the folder to start again") from None
 
 

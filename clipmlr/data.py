@@ -177,20 +177,23 @@ class Decodes(torch.utils.data.Dataset):
             return str(e)
 
 
-def check_decodable(paths, workers=0):
+def check_decodable(paths, workers=0, total=None, gather=None):
     """Decodes every image once, in `workers` processes; DataError naming the unreadable ones.
 
     A header check is not enough (a truncated JPEG has a valid header); only a decode proves an image
     readable. Where a pass reads every image anyway (the feature cache build), that pass is the check instead.
+    Under torchrun each process checks its share `paths` of `total` images, and `gather(list)` gives every
+    process's unreadable ones, so that every process raises the same error, naming them all.
     """
     loader = torch.utils.data.DataLoader(Decodes(paths), batch_size=64, num_workers=workers, collate_fn=list,
                                          generator=torch.Generator())  # draws nothing from the process's RNG
     bad = [e for batch in tqdm(loader, desc="decoding", unit="batch", disable=None, leave=False)
            for e in batch if e]
+    bad = bad if gather is None else gather(bad)
     if bad:
-        raise DataError(f"{len(bad)} of {len(paths)} images do not decode; the first: {bad[0]}. Restore or "
-                        f"replace them (for VOC/COCO: from the archive, or --download again into an empty "
-                        f"--data-root)")
+        raise DataError(f"{len(bad)} of {total or len(paths)} images do not decode; the first: {bad[0]}. "
+                        f"Restore or replace them (for VOC/COCO: from the archive, or --download again into "
+                        f"an empty --data-root)")
 
 
 class ImageDataset(torch.utils.data.Dataset):

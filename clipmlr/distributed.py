@@ -73,6 +73,29 @@ def all_sum(tensor):
     return tensor
 
 
+def gather_lists(items):
+    """Every rank's list `items`, concatenated in rank order, on every rank (`items` itself for one
+    process)."""
+    if world_size() == 1:
+        return items
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, list(items))
+    return [item for part in parts for item in part]
+
+
+def first_error(error):
+    """The exception (or None) each rank brings -> its own, or if it has none, the first other rank's (the
+    same type and message), so that every rank raises a one-line error where one of them failed: a rank left
+    waiting at a barrier for a failed one would die with a traceback of the lost connection instead. A
+    collective call: every rank must make it. For one process, `error` itself."""
+    if world_size() == 1:
+        return error
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, None if error is None else (type(error), str(error)))
+    kind, message = next((p for p in parts if p is not None), (None, None))
+    return error if kind is None or error is not None else kind(message)
+
+
 def shard(n):
     """This rank's contiguous share of the indices 0..n-1 (all of them with one process)."""
     return torch.tensor_split(torch.arange(n), world_size())[rank()]

@@ -187,6 +187,13 @@ def threshold_metrics(margins, targets, threshold=0.5, top_k=3):
             "asl": {"at_threshold": asl_metrics(*label_counts(margins > cut, targets))}}
 
 
+def scores_of_margins(margins, targets, threshold=0.5, top_k=3):
+    """{"map": mAP in percent, "ap": (C,) APs, "metrics": threshold_metrics} of (N, C) margins: what run.py
+    reports of its test split, and predict --evaluate again."""
+    mean_ap, ap = mean_average_precision(margins, targets)
+    return {"map": mean_ap, "ap": ap, "metrics": threshold_metrics(margins, targets, threshold, top_k)}
+
+
 def format_metrics(metrics):
     """The dict of `threshold_metrics` -> a short text table, one row per convention, values in percent."""
     t, k = metrics["threshold"], metrics["top_k"]

@@ -12,11 +12,12 @@ whose probability passes --threshold (or the --top-k most likely) are printed wi
 writes, for every image and class, the probability and the logit margin (presence − absence), which is what
 an AP ranks by: probabilities saturate at 1.0 and tie, margins do not.
 
---evaluate scores the run's test split again from head.pt (with the run's own feature cache if it used one),
-prints the precision/recall/F1 metrics in both conventions (metrics.threshold_metrics, at --threshold and
---top-k, default 0.5 and 3) and the mAP beside results.json's `map` and their difference: equal in the same
-setting, a last digit apart on a GPU, under torchrun or with other thread counts (the sums run in another
-order); the exit status is 1 only beyond --tolerance.
+--evaluate scores the run's test split again from head.pt (with the run's own feature cache if it used one,
+at --cache-dir if it moved; features are cached per device type and precision, so on another device type the
+test split is encoded anew, as it says), prints the precision/recall/F1 metrics in both conventions
+(metrics.threshold_metrics, at --threshold and --top-k, default 0.5 and 3) and the mAP beside results.json's
+`map` and their difference: equal in the same setting, a last digit apart on a GPU, under torchrun or with
+other thread counts (the sums run in another order); the exit status is 1 only beyond --tolerance.
 
 Loading the CLIP takes a while (~20 s for RN101), so everything that needs no CLIP is checked first: both
 files of the run folder, the run's options, every PATH (and that a folder holds images), the --json
@@ -34,7 +35,7 @@ from .augment import image_transform
 from .checkpoint import save_atomic
 from .data import DataError, read_image
 from .heads import build_head, frozen_encoder
-from .metrics import format_metrics, margin, margins_of, mean_average_precision, threshold_metrics
+from .metrics import format_metrics, margin, margins_of, scores_of_margins
 
 IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 HEAD_KEYS = ("state_dict", "head", "classnames", "n_ctx", "shared_context", "absence_weights", "residual",
@@ -101,19 +102,23 @@ def read_results(run_dir):
 
 
 def load_run(run_dir, device="auto", clip=None, weights_dir=None, workers=0, data_root=None,
-             say=lambda *a: None):
+             say=lambda *a: None, cache_dir=None, evaluating=False):
     """(head, CLIP, head.pt's record, results.json, run.py's arguments) of a finished run. The run's CLIP
     checkpoint, weights folder and data are found where the run had them (absolute paths in results.json),
-    from any working directory; `clip`, `weights_dir` and `data_root` say where they are now if they moved.
+    from any working directory; `clip`, `weights_dir`, `data_root` and `cache_dir` say where they are now if
+    they moved.
     Both files and the run's options are checked before the CLIP is loaded (the slow step)."""
     results, record = read_results(run_dir), read_head(run_dir)
     settings = results["settings"]
     clip = clip or results.get("clip_path")
     argv = cli.settings_argv({**settings, "clip": None}) + [
         "--device", device, "--weights-dir", weights_dir or results["weights_dir"], "--data-root",
-        data_root or results["data_root"], "--cache-dir", results["cache_dir"], "--workers", str(workers)]
+        data_root or results["data_root"], "--cache-dir", cache_dir or results["cache_dir"], "--workers",
+        str(workers)]
     args = cli.parse_args(argv + (["--clip", clip or settings["clip"]] if clip or settings["clip"] else []),
                           prog="python -m clipmlr.predict")
+    if evaluating and args.cache_features:  # --evaluate reads (or writes) the run's test features there
+        cli.check_writable(args.cache_dir, "--cache-dir")
     args.device = str(distributed.use_device(args.device))  # e.g. cuda:1 made current, as run.py does
     classes = len(record["classnames"])
     say(f"run {run_dir}: {record['head']} head, {classes} class{'' if classes == 1 else 'es'}, CLIP "
@@ -196,15 +201,16 @@ def predict(head, model, paths, image_size, device, batch_size=32, workers=0):
 
 
 def evaluate(head, model, record, results, args, threshold=0.5, top_k=3):
-    """(mAP, threshold metrics) of the run's test split again, from head.pt, computed as run.py computed them
-    (same features, same batches): metrics.threshold_metrics at `threshold` and `top_k`."""
+    """(mAP, threshold metrics) of the run's test split again, from head.pt, as run.py scored it (the same
+    test split, batches and metrics.scores_of_margins; with its cache, the same cached features when the
+    device type is the run's: features are keyed by the device type and precision they were computed in)."""
     _, _, test, test_y, _ = cli.load_data(args, say=lambda *a: None)
     encode = frozen_encoder(model, args.device)
     key = cli.feature_key(args, results["clip"], model) if args.cache_features else None
     loader, _ = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
     margins = margins_of(head, loader, cli.features_of(args, encode))  # (N, C)
-    mean_ap, _ = mean_average_precision(margins, test_y)
-    return mean_ap, threshold_metrics(margins, test_y, threshold, top_k)
+    scores = scores_of_margins(margins, test_y, threshold, top_k)
+    return scores["map"], scores["metrics"]
 
 
 def parse_args(argv=None):
@@ -229,6 +235,8 @@ def parse_args(argv=None):
     p.add_argument("--weights-dir", default=None, help="where CLIP checkpoints are (default: the run's)")
     p.add_argument("--data-root", default=None,
                    help="where the run's dataset is now, for --evaluate (default: where it was)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the run's feature cache is now, for --evaluate (default: where it was)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=cli.default_workers(), help="data-loading worker processes")
@@ -259,10 +267,16 @@ def run(opts):
     if opts.json:
         check_json(opts.json)
     head, model, record, results, args = load_run(opts.run, opts.device, opts.clip, opts.weights_dir,
-                                                  opts.workers, opts.data_root, say=print)
+                                                  opts.workers, opts.data_root, print, opts.cache_dir,
+                                                  opts.evaluate)
     status = 0
     if opts.evaluate:
         print(f"scoring {args.data}'s test split again")
+        ran_on = torch.device(results.get("device", args.device)).type
+        if args.cache_features and ran_on != torch.device(args.device).type:
+            print(f"note: the run encoded its features on {ran_on}, this is {args.device}: the test split is "
+                  f"encoded again here (features are cached per device type and precision), and the mAP "
+                  f"differs by more than the last digits")
         value, metrics = evaluate(head, model, record, results, args, opts.threshold, opts.top_k or 3)
         print(format_metrics(metrics))
         difference = value - results["map"]

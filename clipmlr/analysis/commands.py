@@ -68,7 +68,7 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
 def zero_shot_settings(args):
     """What a zero-shot result depends on (a stored one is reused only when they are the same)."""
     return {k: getattr(args, k, None) for k in ("data", "data_root", "clip", "image_size", "demo_images",
-                                                 "voc_difficult", "pipeline")}
+                                                 "voc_difficult", "nuswide_skip_missing", "pipeline")}
 
 
 def zero_shot_markdown(result):

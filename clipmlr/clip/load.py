@@ -178,8 +178,9 @@ def load(name_or_path="RN101", device="cpu", download_root="weights", url=None):
     else:
         raise LoadError(f"unknown CLIP model {name_or_path!r}; the available models are "
                         f"{available_models()}, or give the path of a checkpoint file")
+    state_dict = read_state_dict(path)  # LoadError for a file that is no checkpoint
     try:
-        model = build_model(read_state_dict(path))
+        model = build_model(state_dict)
     except ValueError as e:  # build_model's word for a state dict that is no CLIP ResNet
         raise LoadError(f"{path}: {e}") from None
     model.requires_grad_(False)
