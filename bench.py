@@ -315,16 +315,16 @@ def bench_pipelines(size, n=32, batch=8):
                 data = SeededViews(ImageDataset(paths, torch.zeros(n, 1),
                                                 image_pipeline(size, train, pipeline=pipeline)), 1)
 
-                def run(first, last):
+                def read(first, last):
                     if pipeline == "device":
                         for b in range(first, last, batch):
                             collate([data[j] for j in range(b, min(last, b + batch))])[0].to("cpu")
                     else:
                         for j in range(first, last):
                             data[j]
-                run(0, batch)  # warm-up: first calls initialise libraries
+                read(0, batch)  # warm-up: first calls initialise libraries
                 t0 = time.perf_counter()
-                run(0, n)
+                read(0, n)
                 out[f"{pipeline}_{'augmented' if train else 'plain'}"] = n / (time.perf_counter() - t0)
     return out
 

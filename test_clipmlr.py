@@ -49,6 +49,7 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+import bench  # beside run.py, as the tests are
 import clipmlr.clip as clip
 import run
 from clipmlr import analysis, augment, cache as cache_features, cli, distributed, download, pipelines, predict
@@ -4633,6 +4634,17 @@ def test_package_copied_alone_imports_and_works(tmp_path):
     p = subprocess.run([sys.executable, "-m", "clipmlr.analysis", "sweep", "--labels", "1", *DEMO_ARGS],
                        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "--run-script" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_bench_sections_run_on_tiny_settings():
+    """bench.py's sections that time run.py's own loop and the input pipelines run (their figures are not
+    asserted: timings are measured, never tested); what each returns names what it measured."""
+    steps = bench.bench_train_steps(_clip(), ["a", "b"], 64, 2, 1, torch.device("cpu"), heads=["positive"])
+    assert set(steps["positive"]) == {"ms_cached", "ms_in_loop"} and steps["positive"]["ms_cached"] > 0
+    epoch = bench.bench_demo_epoch(8, 64, 1, 4, 0, torch.device("cpu"))
+    assert epoch["images"] == 8 and epoch["s_in_loop"] > 0 and epoch["s_cached"] > 0
+    rates = bench.bench_pipelines(64, n=4, batch=2)
+    assert set(rates) == {f"{p}_{v}" for p in ("pil", "tensor", "device") for v in ("plain", "augmented")}
 
 
 @pytest.mark.slow

@@ -425,7 +425,7 @@ def settings_argv(settings):
 def feature_key(args, clip_info, model):
     """What stored features depend on, besides the split, view and seed (the cache refuses any mismatch):
     also the device type and precision they were computed in (bf16 autocast on CUDA, fp32 on the CPU;
-    `encoder`)."""
+    heads.frozen_encoder)."""
     device = torch.device(args.device).type
     key = {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
            "image_size": args.image_size,

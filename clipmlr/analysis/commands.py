@@ -15,7 +15,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -30,7 +29,7 @@ from .plots import similarity_figure
 from ..demo import DEMO_CLASSES, DEMO_CLIP
 from .similarity import (linear_maps, negation_similarities, negation_summary, negation_table,
                          similarity_maps, text_features)
-from .sweep import DEMO_NOTE, PROPORTIONS, SweepError, run_sweep, write_sweep
+from .sweep import DEMO_NOTE, PROPORTIONS, run_sweep, write_sweep
 from .switches import SWITCHES, run_switches, switches_table
 from .templates import ABSENCE, COCO_CLASSES, PRESENCE, fill
 
