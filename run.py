@@ -164,12 +164,13 @@ def image_loaders(args, train, mask_y, test, test_y, encode, clip_info, model, r
         # [layer: torchrun] each rank a share; every rank raises the same error, naming all the bad ones
         check_decodable([paths[i] for i in distributed.shard(len(paths))], args.workers, len(paths),
                         distributed.gather_lists)
-    key = cli.feature_key(args, clip_info, model) if args.cache_features else None  # [layer: cache]
+    key = cli.feature_key(args, clip_info, model)  # [layer: cache] None without --cache-features
     if args.cache_features:  # [layer: cache]
         views = args.cache_views if args.augment else 1
         say(f"encoding the features: test images x 1, training images x {views} view(s), cached in "
             f"{args.cache_dir}")
-    test_loader, shard = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))  # [cli]
+    test_loader, shard, features_of = cli.test_split(args, test, test_y, encode, key,  # [layer: cli]
+                                                     max(args.batch_size, 100))
     train_set = cli.split_set(args, train, mask_y, True, encode, key)  # [layer: cli]
     order = torch.utils.data.distributed.DistributedSampler(train_set, world, rank, seed=args.seed)
     if not args.cache_features:
@@ -180,7 +181,7 @@ def image_loaders(args, train, mask_y, test, test_y, encode, clip_info, model, r
                                          persistent_workers=workers > 0,
                                          pin_memory=args.device.startswith("cuda"),
                                          collate_fn=pipelines.collate)  # [layer: input pipeline]
-    return loader, test_loader, shard, cli.features_of(args, encode)  # [layer: cli] images or cached
+    return loader, test_loader, shard, features_of
 
 
 def start_run_folder(args, mask_y, rank):

@@ -76,7 +76,7 @@ from clipmlr.heads import build_head, count_trainable, parameter_groups, Prompts
 from clipmlr.loss import asymmetric_loss, loss_weight_rule
 from clipmlr.metrics import (average_precision, format_metrics, margin_threshold, margins_of,
                              mean_average_precision, threshold_metrics, top_k_mask)
-from clipmlr.nuswide import find_nuswide, load_nuswide
+from clipmlr.nuswide import find_nuswide, load_nuswide, load_nuswide_splits
 from clipmlr.pipelines import collate, DevicePipeline, image_pipeline, RawBatch, read_tensor, Ready
 
 # `slow` marks the tests left out of the quick check (-m "not slow"); with no pytest.ini to register it in,
@@ -2414,7 +2414,7 @@ def _nuswide_expected(pairs):
 
 def test_nuswide_train_with_missing_allowed(tmp_path):
     root = _make_nuswide(str(tmp_path))
-    paths, labels, names, counts = load_nuswide(root, "train", allow_missing=True)
+    paths, labels, names, counts = load_nuswide(root, "train")
     assert names == NUSWIDE_CONCEPTS
     assert paths == [os.path.join(root, "Flickr", "actor", "0001_2124494179.jpg"),
                      os.path.join(root, "Flickr", "beach", "0004_1001.jpg")]
@@ -2427,7 +2427,7 @@ def test_nuswide_train_with_missing_allowed(tmp_path):
 def test_nuswide_missing_images_refused_without_the_flag(tmp_path):
     root = _make_nuswide(str(tmp_path))
     with pytest.raises(DataError) as e:
-        load_nuswide(root, "train")
+        load_nuswide_splits(root, say=lambda *a: None)
     message = str(e.value)
     assert "1 of 4 train images" in message
     assert os.path.join(root, "Flickr", "beach", "0003_1000.jpg") in message
@@ -2439,7 +2439,7 @@ def test_nuswide_missing_images_counted_before_the_no_label_drop(tmp_path):
     # the missing image has no label: it counts as missing, not as no_label
     train = NUSWIDE_TRAIN[:2] + [("beach\\0003_1000.jpg", set(), False), NUSWIDE_TRAIN[3]]
     root = _make_nuswide(str(tmp_path), train=train)
-    _, _, _, counts = load_nuswide(root, "train", allow_missing=True)
+    _, _, _, counts = load_nuswide(root, "train")
     assert counts == {"listed": 4, "missing": 1, "no_label": 1, "kept": 2}
 
 
@@ -2455,7 +2455,7 @@ def test_nuswide_release_zip_layout_one_level_deeper_with_lf_and_absolute_paths(
     train = [(r"C:\ImageData\Flickr" + "\\" + line, pos, on) for line, pos, on in NUSWIDE_TRAIN]
     _make_nuswide(str(tmp_path / "NUS-WIDE"), train=train, release_zip=True, newline="\n", label_line="{}")
     assert find_nuswide(str(tmp_path)) == str(tmp_path / "NUS-WIDE")
-    paths, labels, _, counts = load_nuswide(str(tmp_path), "train", allow_missing=True)
+    paths, labels, _, counts = load_nuswide(str(tmp_path), "train")
     assert paths[1] == os.path.join(str(tmp_path), "NUS-WIDE", "Flickr", "beach", "0004_1001.jpg")
     assert torch.equal(labels, _nuswide_expected([(0, 0), (0, 80), (1, 1), (1, 75)]))
     assert counts["kept"] == 2
@@ -2514,10 +2514,10 @@ def _overwrite(path, text):
 ])
 def test_nuswide_malformed_files(tmp_path, break_it, pattern):
     root = _make_nuswide(str(tmp_path))
-    load_nuswide(root, "train", allow_missing=True)  # intact first: the error below is the edit's
+    load_nuswide(root, "train")  # intact first: the error below is the edit's
     break_it(root)
     with pytest.raises(DataError, match=pattern) as e:
-        load_nuswide(root, "train", allow_missing=True)
+        load_nuswide(root, "train")
     assert "\n" not in str(e.value)
 
 
@@ -2532,10 +2532,10 @@ def test_nuswide_no_flickr_folder_and_nothing_kept(tmp_path):
     root = _make_nuswide(str(tmp_path))
     os.rename(os.path.join(root, "Flickr"), os.path.join(root, "images"))
     with pytest.raises(DataError, match="no Flickr/ folder in"):
-        load_nuswide(root, "train", allow_missing=True)
+        load_nuswide(root, "train")
     os.makedirs(os.path.join(root, "Flickr"))
     with pytest.raises(DataError, match="none of the 4 train images .* is both on disk and labelled"):
-        load_nuswide(root, "train", allow_missing=True)
+        load_nuswide(root, "train")
 
 
 def _nuswide_with_images(root):
@@ -2566,7 +2566,7 @@ def test_nuswide_run_counts_refuses_missing_images_and_trains_with_the_flag(tmp_
         "used" in out
     assert "NUS-WIDE test images: 12 listed, 1 missing, 0 without a positive concept (dropped), 11 used" \
         in out
-    assert err.count("\n") == 1 and "1 of 24 training and 1 of 12 test images" in err
+    assert err.count("\n") == 1 and "1 of 24 train images and 1 of 12 test images" in err
     assert "--nuswide-skip-missing" in err and not (tmp_path / "refused").exists()
     assert run.main([*base, "--nuswide-skip-missing", "--out", str(tmp_path / "run")]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -6,7 +6,7 @@ they name.
     train, train_y, test, test_y, classnames = load_data(args)        VOC2007, COCO2014 or the offline demo
     model, clip_info = load_clip(args)          a checkpoint, an OpenAI name, or "demo" (the miniature)
     split_set(args, images, labels, train, ...) a split as run.py reads it: images, or their cached features
-    loader, shard = test_split(...)             this rank's share of the test split, as run.py scores it
+    loader, shard, features_of = test_split(...)   this rank's share of the test split, as run.py scores it
 
 Errors a user can cause are the project's own types (`is_user_error`); run.py and the analyses print them as
 one line and exit with status 2. Anything else is a bug and keeps its traceback.
@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 from . import clip, distributed
-from .data import DataError, ImageDataset, load_coco, load_voc
+from .data import ImageDataset, load_coco, load_voc
 from .heads import HEADS, prompt_tokens
 
 # The other layers (the cache, downloads, your own folder, the demo, the input pipelines) are imported where
@@ -322,18 +322,9 @@ def load_data(args, say=print):
             train, train_y, names = load_folder(args.data_root, "train")
             test, test_y, _ = load_folder(args.data_root, "test", names)
         elif args.data == "nuswide":
-            from .nuswide import load_nuswide  # both splits counted first, so a refusal names both counts
-            train, train_y, names, counts = load_nuswide(args.data_root, "train", allow_missing=True)
-            test, test_y, _, test_counts = load_nuswide(args.data_root, "test", allow_missing=True)
-            for split, c in (("training", counts), ("test", test_counts)):
-                say(f"NUS-WIDE {split} images: {c['listed']} listed, {c['missing']} missing, {c['no_label']} "
-                    f"without a positive concept (dropped), {c['kept']} used")
-            if (counts["missing"] or test_counts["missing"]) and not args.nuswide_skip_missing:
-                raise DataError(f"{counts['missing']} of {counts['listed']} training and "
-                                f"{test_counts['missing']} of {test_counts['listed']} test images that "
-                                f"NUS-WIDE's ImageList/ names are not "
-                                f"under {os.path.join(args.data_root, 'Flickr')}; restore them, or pass "
-                                f"--nuswide-skip-missing to train and test on the images that are there")
+            from .nuswide import load_nuswide_splits
+            train, train_y, test, test_y, names = load_nuswide_splits(
+                args.data_root, args.nuswide_skip_missing, say)
         else:
             train, train_y, names = load_coco(args.data_root, "train2014")
             test, test_y, _ = load_coco(args.data_root, "val2014")
@@ -387,8 +378,9 @@ def split_set(args, images, labels, train, encode=None, key=None):
 
 
 def test_split(args, test, test_y, encode, key, batch_size):
-    """(loader, shard): this process's share of the test split as run.py scores it (all of it with one
-    process; [layer: torchrun] a contiguous shard per rank), and the shard's image indices."""
+    """(loader, shard, features_of): this process's share of the test split as run.py scores it (all of it
+    with one process; [layer: torchrun] a contiguous shard per rank), the shard's image indices, and the
+    function from the loader's batches to their (B, L, D) features (`features_of`)."""
     from .pipelines import collate
     test_set = split_set(args, test, test_y, False, encode, key)
     shard = distributed.shard(len(test_set))
@@ -396,7 +388,7 @@ def test_split(args, test, test_y, encode, key, batch_size):
                                          batch_size=batch_size,
                                          num_workers=0 if args.cache_features else args.workers,
                                          collate_fn=collate)
-    return loader, shard
+    return loader, shard, features_of(args, encode)
 
 
 def features_of(args, encode):
@@ -425,7 +417,9 @@ def settings_argv(settings):
 def feature_key(args, clip_info, model):
     """What stored features depend on, besides the split, view and seed (the cache refuses any mismatch):
     also the device type and precision they were computed in (bf16 autocast on CUDA, fp32 on the CPU;
-    heads.frozen_encoder)."""
+    heads.frozen_encoder). None without --cache-features (nothing is stored)."""
+    if not args.cache_features:
+        return None
     device = torch.device(args.device).type
     key = {"clip": clip_info["name"], "clip_sha256": clip_info["sha256"], "data": args.data,
            "image_size": args.image_size,

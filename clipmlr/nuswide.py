@@ -17,8 +17,8 @@ with an absolute prefix (C:\\ImageData\\Flickr\\actor\\...) keeps only what foll
 
 The lists do not say two things: some listed images are not on disk (dead Flickr links, partial mirrors), and
 about a fifth have no positive among the 81 concepts. Missing images are counted among all listed ones and
-refused unless the caller allows them (`allow_missing`, the CLI's --nuswide-skip-missing); of the images on
-disk, those without a positive are dropped, as the common protocol does (reported: 125,449 train / 83,898
+left out; `load_nuswide_splits` refuses them unless allowed (the CLI's --nuswide-skip-missing). Of the images
+on disk, those without a positive are dropped, as the common protocol does (reported: 125,449 train / 83,898
 test of the complete release). So listed = missing + no_label + kept. Labels: 1 present, 0 absent, no
 unknowns. Shape key: N images, C = 81 concepts.
 """
@@ -135,13 +135,36 @@ def on_disk(flickr, images):
     return np.array([name in found[folder] for folder, name in images], dtype=bool)
 
 
-def load_nuswide(root, split, allow_missing=False):
+def load_nuswide(root, split):
     """(image paths, (N, 81) labels, concept names, counts) of the official "train" or "test" split.
 
     Every file is checked before any image is looked for. counts = {"listed", "missing", "no_label", "kept"}:
-    missing among all listed images, no_label (no positive concept) among those on disk, kept = listed −
-    missing − no_label. Missing images raise DataError unless `allow_missing`, which leaves them out.
+    missing among all listed images (left out), no_label (no positive concept) among those on disk, kept =
+    listed − missing − no_label.
     """
+    return read_split(root, split)[:4]
+
+
+def load_nuswide_splits(root, allow_missing=False, say=print):
+    """(train paths, train labels, test paths, test labels, concept names), as run.py reads NUS-WIDE: both
+    splits' counts said, then, if any listed image is missing, one DataError naming both counts, the first
+    missing image and the flag, unless `allow_missing` (which trains and tests on the present images)."""
+    train, train_y, names, counts, first = read_split(root, "train")
+    test, test_y, _, test_counts, test_first = read_split(root, "test")
+    for split, c in (("training", counts), ("test", test_counts)):
+        say(f"NUS-WIDE {split} images: {c['listed']} listed, {c['missing']} missing, {c['no_label']} "
+            f"without a positive concept (dropped), {c['kept']} used")
+    if (first or test_first) and not allow_missing:
+        raise DataError(f"{counts['missing']} of {counts['listed']} train images and "
+                        f"{test_counts['missing']} of {test_counts['listed']} test images listed in "
+                        f"NUS-WIDE's ImageList/ are not on disk, the first: {first or test_first}; restore "
+                        f"them, or pass "
+                        f"--nuswide-skip-missing to leave them out")
+    return train, train_y, test, test_y, names
+
+
+def read_split(root, split):
+    """`load_nuswide`'s four values and the first listed image that is not on disk (None if none is)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     base = find_nuswide(root)
@@ -167,10 +190,7 @@ def load_nuswide(root, split, allow_missing=False):
                         f"from NUS); unpack them there as Flickr/<folder>/<file>")
     present = on_disk(flickr, images)
     missing = int((~present).sum())
-    if missing and not allow_missing:
-        first = os.path.join(flickr, *images[int(np.argmin(present))])
-        raise DataError(f"{missing} of {len(images)} {split} images listed in {listing} are not on disk, the "
-                        f"first: {first}; restore them, or pass --nuswide-skip-missing to leave them out")
+    first = os.path.join(flickr, *images[int(np.argmin(present))]) if missing else None
     labelled = labels.any(axis=1)
     keep = present & labelled
     counts = {"listed": len(images), "missing": missing, "no_label": int((present & ~labelled).sum()),
@@ -179,4 +199,4 @@ def load_nuswide(root, split, allow_missing=False):
         raise DataError(f"none of the {len(images)} {split} images of {listing} is both on disk and "
                         f"labelled with a concept; check that Flickr/ holds the images")
     paths = [os.path.join(flickr, folder, name) for (folder, name), k in zip(images, keep) if k]
-    return paths, torch.from_numpy(labels[keep]).long(), names, counts
+    return paths, torch.from_numpy(labels[keep]).long(), names, counts, first

@@ -206,9 +206,9 @@ def evaluate(head, model, record, results, args, threshold=0.5, top_k=3):
     device type is the run's: features are keyed by the device type and precision they were computed in)."""
     _, _, test, test_y, _ = cli.load_data(args, say=lambda *a: None)
     encode = frozen_encoder(model, args.device)
-    key = cli.feature_key(args, results["clip"], model) if args.cache_features else None
-    loader, _ = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
-    margins = margins_of(head, loader, cli.features_of(args, encode))  # (N, C)
+    key = cli.feature_key(args, results["clip"], model)
+    loader, _, features_of = cli.test_split(args, test, test_y, encode, key, max(args.batch_size, 100))
+    margins = margins_of(head, loader, features_of)  # (N, C)
     scores = scores_of_margins(margins, test_y, threshold, top_k)
     return scores["map"], scores["metrics"]
 

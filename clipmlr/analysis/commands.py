@@ -49,9 +49,8 @@ def zero_shot(args, presence=PRESENCE, absence=ABSENCE):
     # (C, D) x2
     embeddings = [text_features(model, fill(t, classnames)).to(device) for t in (presence, absence)]
     encode = frozen_encoder(model, device)
-    key = cli.feature_key(args, clip_info, model) if args.cache_features else None
-    loader, _ = cli.test_split(args, test, test_y, encode, key, args.batch_size)  # run.py's cache
-    features_of = cli.features_of(args, encode)
+    key = cli.feature_key(args, clip_info, model)  # run.py's cache, with --cache-features
+    loader, _, features_of = cli.test_split(args, test, test_y, encode, key, args.batch_size)
     # (N, C, 2)
     logits = torch.cat([prompt_logits(features_of(x), *embeddings).float().cpu() for x, _, _ in loader])
     # presence − absence, as the heads are ranked
